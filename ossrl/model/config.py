@@ -17,7 +17,7 @@ _HF_METADATA_KEYS = {
     "output_router_logits", "quantization_config", "experts_per_token", "_name_or_path", "tie_word_embeddings",
     "num_experts", "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward",
     "is_encoder_decoder", "id2label", "label2id", "problem_type", "tokenizer_class", "_attn_implementation",
-    "max_window_layers", "use_sliding_window", "rope_theta", "rope_scaling", "rope_parameters",
+    "max_window_layers", "use_sliding_window", "rope_theta", "rope_scaling", "rope_parameters", "initial_context_length",
 }  # fmt: skip
 
 
