@@ -11,6 +11,7 @@ import logging
 import torch
 
 from ossrl.kernels.attention_ref import check_sink_attention_inputs, sink_attention_ref
+from ossrl.kernels.decode_ref import check_paged_decode_inputs, paged_decode_attention, paged_decode_attention_ref
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -38,11 +39,43 @@ def sink_attention(
     ``window=W`` lets query i see keys i-W+1 .. i. Returns [T, Hq, D]. See ``attention_ref`` for the math.
     """
     if q.is_cuda:
-        warn_once(
-            "sink_attention",
-            "sink_attention: no Triton kernel available here, using the plain-torch reference (slow on GPU)",
-        )
+        try:  # imported here: importing Triton kernels reads TRITON_INTERPRET, and CPU-only installs need no Triton
+            from ossrl.kernels.attention_triton import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, sink_attention_triton
+        except ImportError as err:
+            warn_once("sink_attention", f"sink_attention: Triton unavailable ({err}); using the plain-torch reference")
+        else:
+            if q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dtype in SUPPORTED_DTYPES:
+                return sink_attention_triton(q, k, v, sinks, cu_seqlens, max_seqlen, window, softmax_scale)
+            warn_once(
+                "sink_attention",
+                f"sink_attention: no Triton kernel for {q.dtype}, head dim {q.shape[-1]}; using the plain-torch "
+                "reference (slow on GPU)",
+            )
     return sink_attention_ref(q, k, v, sinks, cu_seqlens, max_seqlen, window, softmax_scale)
 
 
-__all__ = ["sink_attention", "sink_attention_ref", "check_sink_attention_inputs", "warn_once"]
+_LAZY = {  # Triton-backed exports, imported on first use (see the note in sink_attention)
+    "sink_attention_triton": "ossrl.kernels.attention_triton",
+    "paged_decode_attention_triton": "ossrl.kernels.decode_triton",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "sink_attention",
+    "sink_attention_ref",
+    "sink_attention_triton",
+    "check_sink_attention_inputs",
+    "paged_decode_attention",
+    "paged_decode_attention_ref",
+    "paged_decode_attention_triton",
+    "check_paged_decode_inputs",
+    "warn_once",
+]
