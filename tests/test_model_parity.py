@@ -31,12 +31,19 @@ def random_model(seed: int, **overrides) -> GptOss:
     return model
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                   reason="needs CUDA")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("index", range(len(CONFIGS)))
-def test_logits_match_transformers(index):
+def test_logits_match_transformers(index, device):
+    """On CUDA this goes through the Triton attention kernel (fp32)."""
     torch.manual_seed(index)
     model = random_model(index, **CONFIGS[index])
-    hf = hf_model_from_ours(model)
-    ids = torch.randint(0, 257, (2, 40))
+    hf = hf_model_from_ours(model).to(device)
+    model.to(device)
+    ids = torch.randint(0, 257, (2, 40), device=device)
     with torch.no_grad():
         ours = model(ids)
         theirs = hf(input_ids=ids).logits
