@@ -32,19 +32,20 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @dataclass(frozen=True)
 class AttnConfig:
-    """Tile sizes and launch settings of the three main kernels (fwd, bwd dK/dV, bwd dQ)."""
+    """Tile sizes and launch settings of the three main kernels (fwd, bwd dK/dV, bwd dQ). The defaults compile
+    without register spills for head dim 64 on sm_90 (ptxas -v) and were timed on an H100 (benchmarks/attention.py)."""
 
     fwd_m: int = 128
     fwd_n: int = 64
-    fwd_warps: int = 4
+    fwd_warps: int = 8
     fwd_stages: int = 3
     dkv_m: int = 32
     dkv_n: int = 128
-    dkv_warps: int = 4
+    dkv_warps: int = 8
     dkv_stages: int = 3
     dq_m: int = 128
-    dq_n: int = 32
-    dq_warps: int = 4
+    dq_n: int = 64
+    dq_warps: int = 8
     dq_stages: int = 3
 
 
@@ -55,7 +56,7 @@ GPU_CONFIGS: dict[int, AttnConfig] = {
     16: AttnConfig(),
     32: AttnConfig(),
     64: AttnConfig(),
-    128: AttnConfig(fwd_m=128, fwd_n=64, fwd_warps=8, dkv_m=32, dkv_n=64, dq_m=64, dq_n=32, dkv_warps=8, dq_warps=8),
+    128: AttnConfig(dkv_m=64, dkv_n=32, dq_m=64, dq_n=32),
 }
 
 
@@ -117,12 +118,12 @@ def _key_ranges(m0, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
     return lo, a, b, hi
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total_tokens", "window", "GROUP"])
 def _fwd_kernel(
     Q, K, V, Sinks, Out, Lse, CuSeqlens,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    total_tokens, qk_scale, window,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    total_tokens, qk_scale, window, GROUP,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # Causal: later query blocks have more work, so launch them first (better tail balance).
@@ -164,7 +165,7 @@ def _fwd_kernel(
 # ---------------------------------------------------------------------------------------------------- backward
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total_tokens"])
 def _bwd_preprocess(
     Out, DOut, Lse, Sinks, Delta, DsinkPart, CuSeqlens,
     stride_ot, stride_oh, stride_dt, stride_dh, total_tokens,
@@ -217,13 +218,13 @@ def _dkdv_blocks(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total_tokens", "window", "GROUP"])
 def _bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqlens,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dt, stride_dh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    total_tokens, qk_scale, sm_scale, window,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    total_tokens, qk_scale, sm_scale, window, GROUP,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     n_block = tl.program_id(0)  # key block 0 sees every query: heaviest first, in launch order already
@@ -300,12 +301,12 @@ def _dq_blocks(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total_tokens", "window", "GROUP"])
 def _bwd_dq_kernel(
     Q, K, V, DOut, Lse, Delta, DQ, CuSeqlens,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dt, stride_dh, stride_dqt, stride_dqh,
-    total_tokens, qk_scale, sm_scale, window,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    total_tokens, qk_scale, sm_scale, window, GROUP,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     m_block = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -375,8 +376,8 @@ def _forward(q, k, v, sinks, cu_seqlens, max_seqlen, window, sm_scale, cfg):
     _fwd_kernel[grid](
         q, k, v, sinks, out, lse, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        t, sm_scale * LOG2E, window or 0,
-        GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, HAS_WINDOW=window is not None,
+        t, sm_scale * LOG2E, window or 0, hq // hkv,
+        HEAD_DIM=d, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, HAS_WINDOW=window is not None,
         PRECISION=_precision(q.dtype), num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )  # fmt: skip
     return out, lse
