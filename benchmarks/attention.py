@@ -333,6 +333,23 @@ def main() -> None:
         attn.GPU_CONFIGS[D] = sweep_configs()
     results["config"] = dataclasses.asdict(attn.GPU_CONFIGS[D])
 
+    decode: list[dict[str, Any]] = []
+    if not args.skip_decode:
+        for context in args.contexts:
+            for window in (None, WINDOW):
+                for batch in args.batches:
+                    if time.time() - start > args.budget_s or batch * context > args.max_decode_tokens:
+                        continue
+                    decode.append(bench_decode(batch, context, window))
+        results["decode"] = decode
+        print("\ndecode, 1 new token/sequence (us per layer call; tok/s; ratio = sdpa time / ours, >1: ours faster)")
+        cols = f"{'ours us':>9} {'tok/s':>10} | {'sdpa us':>9} {'tok/s':>10} | x"
+        print(f"{'context':>8} {'window':>6} {'batch':>5} | {cols}")
+        for r in decode:
+            ratio = r["sdpa_us"] / r["ours_us"] if "ours_us" in r and "sdpa_us" in r else None
+            print(f"{r['context']:>8} {str(r['window']):>6} {r['batch']:>5} | {fmt(r.get('ours_us'), 1):>9} "
+                  f"{r.get('ours_tok_s', '-'):>10} | {fmt(r.get('sdpa_us'), 1):>9} {r.get('sdpa_tok_s', '-'):>10} | "
+                  f"{fmt(ratio)}")  # fmt: skip
     training: list[dict[str, Any]] = []
     if not args.skip_training:
         results["check_vs_flex"] = check_against_flex(args.flex_seqlens[-1])
@@ -351,23 +368,6 @@ def main() -> None:
         results["training"] = training
         print_training_table(training)
 
-    decode: list[dict[str, Any]] = []
-    if not args.skip_decode:
-        for context in args.contexts:
-            for window in (None, WINDOW):
-                for batch in args.batches:
-                    if time.time() - start > args.budget_s or batch * context > args.max_decode_tokens:
-                        continue
-                    decode.append(bench_decode(batch, context, window))
-        results["decode"] = decode
-        print("\ndecode, 1 new token/sequence (us per layer call; tok/s; ratio = sdpa time / ours, >1: ours faster)")
-        cols = f"{'ours us':>9} {'tok/s':>10} | {'sdpa us':>9} {'tok/s':>10} | x"
-        print(f"{'context':>8} {'window':>6} {'batch':>5} | {cols}")
-        for r in decode:
-            ratio = r["sdpa_us"] / r["ours_us"] if "ours_us" in r and "sdpa_us" in r else None
-            print(f"{r['context']:>8} {str(r['window']):>6} {r['batch']:>5} | {fmt(r.get('ours_us'), 1):>9} "
-                  f"{r.get('ours_tok_s', '-'):>10} | {fmt(r.get('sdpa_us'), 1):>9} {r.get('sdpa_tok_s', '-'):>10} | "
-                  f"{fmt(ratio)}")  # fmt: skip
     results["seconds"] = round(time.time() - start, 1)
     save_results("attention", results, args.out_dir)
 
