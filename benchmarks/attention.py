@@ -350,12 +350,13 @@ def main() -> None:
             print(f"{r['context']:>8} {str(r['window']):>6} {r['batch']:>5} | {fmt(r.get('ours_us'), 1):>9} "
                   f"{r.get('ours_tok_s', '-'):>10} | {fmt(r.get('sdpa_us'), 1):>9} {r.get('sdpa_tok_s', '-'):>10} | "
                   f"{fmt(ratio)}")  # fmt: skip
+        save_results("attention", results, args.out_dir)  # again at the end; this keeps decode if training dies
     training: list[dict[str, Any]] = []
     if not args.skip_training:
         results["check_vs_flex"] = check_against_flex(args.flex_seqlens[-1])
         print("ours vs flex+LSE (relative L2):", results["check_vs_flex"])
-        for window in (None, WINDOW):
-            for t in args.seqlens:
+        for t in args.seqlens:  # in the order given: put the sizes that matter most first
+            for window in (None, WINDOW):
                 for impl in IMPLS:
                     if time.time() - start > args.budget_s:
                         continue
