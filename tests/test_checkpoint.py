@@ -107,7 +107,7 @@ def test_from_config_builds_on_meta_first_without_fp32_copies():
     assert dtypes["model.layers.0.self_attn.sinks"] == torch.float32
     assert dtypes["model.norm.weight"] == torch.float32
     again = GptOss.from_config(config, dtype=torch.bfloat16, seed=1)
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters(), strict=True))
     assert model(torch.randint(0, 100, (1, 5))).dtype == torch.bfloat16
 
 
@@ -161,8 +161,8 @@ def test_bad_configs_are_clear_errors(tmp_path):
 
 def test_released_gpt_oss_20b_config_parses():
     released = {  # https://huggingface.co/openai/gpt-oss-20b config.json (MXFP4 release)
-        "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0, "eos_token_id": 200002,
-        "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
+        "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+        "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
         "initial_context_length": 4096, "initializer_range": 0.02, "intermediate_size": 2880,
         "layer_types": ["sliding_attention", "full_attention"] * 12, "max_position_embeddings": 131072,
         "model_type": "gpt_oss", "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 24,

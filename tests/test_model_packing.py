@@ -41,7 +41,7 @@ def test_padded_equals_per_sequence(setup, side):
     with torch.no_grad():
         out = model(ids, attention_mask=mask)
     assert out.shape == (len(seqs), t, 257)
-    for i, (s, single) in enumerate(zip(seqs, singles)):
+    for i, (s, single) in enumerate(zip(seqs, singles, strict=True)):
         where = slice(t - len(s), t) if side == "left" else slice(0, len(s))
         torch.testing.assert_close(out[i, where], single, atol=1e-5, rtol=1e-5)
         assert torch.count_nonzero(out[i, mask[i] == 0]) == 0

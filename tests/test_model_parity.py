@@ -31,8 +31,12 @@ def random_model(seed: int, **overrides) -> GptOss:
     return model
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                                   reason="needs CUDA")])]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+    ),
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -61,4 +65,8 @@ def test_yarn_frequencies_match_transformers():
     inv_freq, concentration = rope_frequencies(config)
     hf_rope = GptOssRotaryEmbedding(HFConfig(**config.to_hf_dict()))
     assert torch.allclose(inv_freq, hf_rope.inv_freq, rtol=1e-6, atol=0)
-    assert concentration == pytest.approx(hf_rope.attention_scaling) == pytest.approx(0.1 * torch.log(torch.tensor(32.0)).item() + 1)
+    assert (
+        concentration
+        == pytest.approx(hf_rope.attention_scaling)
+        == pytest.approx(0.1 * torch.log(torch.tensor(32.0)).item() + 1)
+    )

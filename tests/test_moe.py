@@ -31,7 +31,7 @@ def test_routed_moe_matches_dense(n, e, k):
     torch.testing.assert_close(ours, ref)
     grads = torch.autograd.grad(ours.square().sum(), (x, w1, b1, w2, b2))
     ref_grads = torch.autograd.grad(ref.square().sum(), (x, w1, b1, w2, b2))
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r)
 
 

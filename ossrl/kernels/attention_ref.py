@@ -42,7 +42,9 @@ def check_sink_attention_inputs(
     if not sinks.is_floating_point():
         raise ValueError(f"sinks must be floating point (fp32 recommended); got {sinks.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [B+1]; got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        raise ValueError(
+            f"cu_seqlens must be a 1-D int32 tensor [B+1]; got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+        )
     cu = cu_seqlens.tolist()
     if cu[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0; got {cu[0]}")

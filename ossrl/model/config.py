@@ -17,7 +17,8 @@ _HF_METADATA_KEYS = {
     "output_router_logits", "quantization_config", "experts_per_token", "_name_or_path", "tie_word_embeddings",
     "num_experts", "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward",
     "is_encoder_decoder", "id2label", "label2id", "problem_type", "tokenizer_class", "_attn_implementation",
-    "max_window_layers", "use_sliding_window", "rope_theta", "rope_scaling", "rope_parameters", "initial_context_length",
+    "max_window_layers", "use_sliding_window", "rope_theta", "rope_scaling", "rope_parameters",
+    "initial_context_length",
 }  # fmt: skip
 
 
@@ -84,7 +85,9 @@ class GptOssConfig:
         unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
         if unknown:
             raise bad("layer_types", f"unknown layer types {unknown}; allowed: {list(LAYER_TYPES)}")
-        if "sliding_attention" in self.layer_types and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+        if "sliding_attention" in self.layer_types and (
+            not isinstance(self.sliding_window, int) or self.sliding_window < 1
+        ):
             raise bad("sliding_window", "must be a positive integer when a layer slides")
         if self.rope_theta <= 0:
             raise bad("rope_theta", "must be positive")

@@ -163,7 +163,7 @@ class DecoderLayer(nn.Module):
 
 @dataclass
 class PackedBatch:
-    """A flat batch of sequences: token i of the pack belongs to sequence b when cu_seqlens[b] <= i < cu_seqlens[b+1]."""
+    """A flat batch of sequences: token i belongs to sequence b when cu_seqlens[b] <= i < cu_seqlens[b+1]."""
 
     input_ids: torch.Tensor  # [T] long
     cu_seqlens: torch.Tensor  # [B+1] int32

@@ -63,7 +63,9 @@ class MXFP4Weight(nn.Module):
     def __init__(self, blocks: torch.Tensor, scales: torch.Tensor) -> None:
         super().__init__()
         if blocks.dim() != 4 or blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BLOCK // 2:
-            raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} / scales {tuple(scales.shape)} are not [E,out,G,16]/[E,out,G]")
+            raise ValueError(
+                f"MXFP4 blocks {tuple(blocks.shape)} / scales {tuple(scales.shape)} are not [E,out,G,16]/[E,out,G]"
+            )
         self.register_buffer("blocks", blocks)
         self.register_buffer("scales", scales)
 
