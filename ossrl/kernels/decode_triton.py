@@ -29,6 +29,10 @@ import triton.language as tl
 
 from ossrl.kernels.decode_ref import DEFAULT_KV_CHUNK, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, check_paged_decode_inputs
 
+# Key tile (positions per gathered load), warps, pipeline stages of the partial kernel. (32, 4, 3) compiles without
+# register spills on sm_90 at head dim 64; benchmarks/attention.py --sweep may overwrite it.
+DECODE_CONFIG: tuple[int, int, int] = (32, 4, 3)
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -44,7 +48,6 @@ def _decode_partial_kernel(
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
-    chunk = tl.program_id(1)
     t0 = tl.program_id(2) * TOKENS
     b = pid_bh // num_kv_heads
     hk = pid_bh % num_kv_heads
@@ -55,6 +58,10 @@ def _decode_partial_kernel(
     seq_len = tl.load(SeqLens + b).to(tl.int32)
     first_pos = seq_len - nq + t0
     last_pos = seq_len - nq + tl.minimum(t0 + TOKENS, nq) - 1
+    if HAS_WINDOW:  # the grid covers only the chunks a window can reach, counted from the block's first one
+        chunk = tl.maximum(first_pos - window + 1, 0) // CHUNK + tl.program_id(1)
+    else:
+        chunk = tl.program_id(1)
     k_lo = chunk * CHUNK
     k_hi = tl.minimum(k_lo + CHUNK, last_pos + 1)
     if HAS_WINDOW:
@@ -113,16 +120,19 @@ def _decode_partial_kernel(
 
 @triton.jit(do_not_specialize=["num_slots", "window"])
 def _decode_combine_kernel(
-    PartAcc, PartM, PartL, Sinks, Out, QSeq, SeqLens, CuQ,
+    PartAcc, PartM, PartL, Sinks, Out, SeqLens, CuQ,
     stride_ot, stride_oh, num_slots, num_q_heads, window,
     HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):  # fmt: skip
-    tok = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.load(QSeq + tok)
+    t = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
     q_start = tl.load(CuQ + b).to(tl.int32)
     nq = tl.load(CuQ + b + 1).to(tl.int32) - q_start
-    pos = tl.load(SeqLens + b).to(tl.int32) - nq + (tok - q_start)
+    if t >= nq:
+        return
+    tok = q_start + t
+    pos = tl.load(SeqLens + b).to(tl.int32) - nq + t
     if HAS_WINDOW:
         first = tl.maximum(pos - window + 1, 0) // CHUNK
     else:
@@ -180,7 +190,7 @@ def paged_decode_attention_triton(
     q = q if q.stride(-1) == 1 else q.contiguous()
     page_table = page_table.contiguous()
     group = hq // hkv
-    block_n = 16 if _interpreting() else 32  # 32 x 64 gathered tiles: no register spills at 4 warps (ptxas -v)
+    block_n, warps, stages = (16, 4, 1) if _interpreting() else DECODE_CONFIG
     block_n = min(block_n, kv_chunk)
     block_r = max(16, triton.next_power_of_2(group))
     tokens = block_r // group
@@ -192,7 +202,9 @@ def paged_decode_attention_triton(
     part_acc = torch.empty(n, hq, num_slots, d, device=q.device, dtype=torch.float32)
     part_m = torch.empty(n, hq, num_slots, device=q.device, dtype=torch.float32)
     part_l = torch.empty(n, hq, num_slots, device=q.device, dtype=torch.float32)
-    grid = (batch * hkv, num_chunks, triton.cdiv(max_q_len, tokens))
+    # Windowed: a block of `tokens` rows reaches at most this many chunks, so empty programs are never launched.
+    reach = num_chunks if window is None else min(num_chunks, (window + tokens - 2) // kv_chunk + 2)
+    grid = (batch * hkv, reach, triton.cdiv(max_q_len, tokens))
     _decode_partial_kernel[grid](
         q, k_cache, v_cache, page_table, seq_lens, cu_q_lens, part_acc, part_m, part_l,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -200,12 +212,10 @@ def paged_decode_attention_triton(
         hkv, num_slots, hq, (d**-0.5 if softmax_scale is None else softmax_scale) * math.log2(math.e), window or 0,
         PAGE_SIZE=page_size, GROUP=group, TOKENS=tokens, BLOCK_R=block_r, HEAD_DIM=d, CHUNK=kv_chunk,
         BLOCK_N=block_n, HAS_WINDOW=window is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=3,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    positions = torch.arange(n, device=q.device, dtype=cu_q_lens.dtype)
-    q_seq = (torch.searchsorted(cu_q_lens, positions, right=True) - 1).to(torch.int32)  # token -> sequence
-    _decode_combine_kernel[(n, hq)](
-        part_acc, part_m, part_l, sinks, out, q_seq, seq_lens, cu_q_lens,
+    _decode_combine_kernel[(max_q_len, batch, hq)](
+        part_acc, part_m, part_l, sinks, out, seq_lens, cu_q_lens,
         out.stride(0), out.stride(1), num_slots, hq, window or 0,
         HEAD_DIM=d, CHUNK=kv_chunk, BLOCK_C=16, HAS_WINDOW=window is not None, num_warps=1,
     )  # fmt: skip
