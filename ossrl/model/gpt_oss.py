@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +90,7 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(self.num_heads, dtype=torch.float32))
         sliding = config.layer_types[layer_idx] == "sliding_attention"
         self.window = config.sliding_window if sliding else None
+        self.layer_idx = layer_idx
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: PackedBatch) -> torch.Tensor:
         t = x.shape[0]
@@ -96,7 +98,10 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = sink_attention(q, k, v, self.sinks, batch.cu_seqlens, batch.max_seqlen, window=self.window)
+        if batch.kv_cache is not None:  # rollout: keys/values go to (and come from) the engine's paged cache
+            out = batch.kv_cache.attend(self.layer_idx, q, k, v, self.sinks, self.window)
+        else:
+            out = sink_attention(q, k, v, self.sinks, batch.cu_seqlens, batch.max_seqlen, window=self.window)
         return self.o_proj(out.reshape(t, -1))
 
 
@@ -171,6 +176,16 @@ class PackedBatch:
     position_ids: torch.Tensor  # [T] long, restarting at 0 in every sequence
     scatter_index: torch.Tensor | None = None  # where each packed token sits in the flattened [B*T] input
     padded_shape: tuple[int, int] | None = None
+    kv_cache: KVCacheStep | None = None  # set by the rollout engine; None means plain varlen attention
+
+
+class KVCacheStep(Protocol):
+    """What the rollout engine plugs into attention for one forward: store this step's keys/values in its cache
+    and attend over everything cached for each sequence."""
+
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, window: int | None
+    ) -> torch.Tensor: ...
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:

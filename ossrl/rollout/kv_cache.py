@@ -1,0 +1,225 @@
+"""Paged KV cache for the rollout engine.
+
+Keys and values live in fixed-size pages, ``k[layer][page, slot, kv_head, :]``; each sequence has a page table
+(logical page i -> physical page) per pool. Full-attention layers use one pool whose pages a sequence keeps for its
+whole life. Sliding-window layers use a second, small pool: a query never looks further back than the window, so
+pages wholly older than the window go back to the pool while the sequence runs, and a prefill stores only the last
+``window`` tokens. Page-table entries of released pages are left pointing at page 0: the attention kernels never
+read positions outside the window (the reference reads and masks them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ossrl.kernels import sink_attention
+from ossrl.kernels.decode_ref import paged_decode_attention
+from ossrl.model.config import GptOssConfig
+
+
+class PagePool:
+    """Free list of physical pages plus reservations, so an admitted sequence can never run out mid-way."""
+
+    def __init__(self, num_pages: int) -> None:
+        self.num_pages = num_pages
+        self.free = list(range(num_pages - 1, -1, -1))
+        self.reserved = 0
+
+    def can_reserve(self, pages: int) -> bool:
+        return self.reserved + pages <= self.num_pages
+
+    def reserve(self, pages: int) -> None:
+        if not self.can_reserve(pages):
+            raise RuntimeError(f"page pool: cannot reserve {pages} pages ({self.reserved}/{self.num_pages} reserved)")
+        self.reserved += pages
+
+    def unreserve(self, pages: int) -> None:
+        self.reserved -= pages
+
+    def take(self) -> int:
+        return self.free.pop()
+
+    def give(self, page: int) -> None:
+        self.free.append(page)
+
+
+@dataclass
+class SequencePages:
+    """One sequence's pages in both pools and how many tokens the cache holds for it."""
+
+    full: list[int] = field(default_factory=list)
+    sliding: list[int] = field(default_factory=list)  # -1 where a page was released (older than the window)
+    cached_len: int = 0
+    full_reserved: int = 0
+    sliding_reserved: int = 0
+
+
+class PagedKVCache:
+    def __init__(
+        self,
+        config: GptOssConfig,
+        *,
+        full_pages: int,
+        sliding_pages: int,
+        page_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.page_size = page_size
+        self.window = config.sliding_window
+        self.sliding = [t == "sliding_attention" for t in config.layer_types]
+        shape = (config.num_key_value_heads, config.head_dim)
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        for sliding in self.sliding:
+            pages = sliding_pages if sliding else full_pages
+            self.k.append(torch.zeros(pages, page_size, *shape, device=device, dtype=dtype))
+            self.v.append(torch.zeros(pages, page_size, *shape, device=device, dtype=dtype))
+        self.full_pool = PagePool(full_pages)
+        self.sliding_pool = PagePool(sliding_pages if any(self.sliding) else 0)
+        self.device = device
+
+    @staticmethod
+    def pages_for(tokens: int, page_size: int) -> int:
+        return -(-tokens // page_size)
+
+    def sliding_pages_needed(self, max_chunk: int) -> int:
+        """Live sliding pages of one sequence: the window plus the largest chunk written in one step."""
+        if not any(self.sliding):
+            return 0
+        return self.pages_for(self.window + max_chunk, self.page_size) + 1
+
+    # ---- lifetime ----------------------------------------------------------------------------------------------
+    def admit(self, max_len: int, max_chunk: int) -> SequencePages | None:
+        """Reserve what a sequence of up to ``max_len`` tokens needs; None when it does not fit right now."""
+        full = self.pages_for(max_len, self.page_size) if not all(self.sliding) else 0
+        sliding = self.sliding_pages_needed(max_chunk)
+        if not (self.full_pool.can_reserve(full) and self.sliding_pool.can_reserve(sliding)):
+            return None
+        self.full_pool.reserve(full)
+        self.sliding_pool.reserve(sliding)
+        return SequencePages(full_reserved=full, sliding_reserved=sliding)
+
+    def fits_ever(self, max_len: int, max_chunk: int) -> bool:
+        full = self.pages_for(max_len, self.page_size) if not all(self.sliding) else 0
+        return full <= self.full_pool.num_pages and self.sliding_pages_needed(max_chunk) <= self.sliding_pool.num_pages
+
+    def release(self, seq: SequencePages) -> None:
+        for page in seq.full:
+            self.full_pool.give(page)
+        for page in seq.sliding:
+            if page >= 0:
+                self.sliding_pool.give(page)
+        self.full_pool.unreserve(seq.full_reserved)
+        self.sliding_pool.unreserve(seq.sliding_reserved)
+        seq.full, seq.sliding, seq.full_reserved, seq.sliding_reserved = [], [], 0, 0
+
+    def grow(self, seq: SequencePages, new_len: int, first_stored: int) -> None:
+        """Make pages exist for positions < new_len (full pool) and for positions first_stored .. new_len - 1
+        (sliding pool: older positions are never stored)."""
+        need = self.pages_for(new_len, self.page_size)
+        if not all(self.sliding):
+            while len(seq.full) < need:
+                seq.full.append(self.full_pool.take())
+        if any(self.sliding):
+            seq.sliding.extend([-1] * (need - len(seq.sliding)))
+            for i in range(first_stored // self.page_size, need):
+                if seq.sliding[i] < 0:
+                    seq.sliding[i] = self.sliding_pool.take()
+
+    def trim(self, seq: SequencePages) -> None:
+        """Give back sliding pages no future query can see (all their positions older than the window)."""
+        if not any(self.sliding):
+            return
+        oldest_visible = seq.cached_len - self.window + 1  # the next query sits at cached_len
+        for i in range(max(0, oldest_visible) // self.page_size):
+            if seq.sliding[i] >= 0:
+                self.sliding_pool.give(seq.sliding[i])
+                seq.sliding[i] = -1
+
+    def copy_pages(self, src: SequencePages, dst: SequencePages) -> None:
+        """Give ``dst`` its own copy of everything ``src`` has cached (n samples sharing one prefill)."""
+        dst.full = [self.full_pool.take() for _ in src.full]
+        dst.sliding = [self.sliding_pool.take() if p >= 0 else -1 for p in src.sliding]
+        pairs = {
+            False: (src.full, dst.full),
+            True: ([p for p in src.sliding if p >= 0], [p for p in dst.sliding if p >= 0]),
+        }
+        for layer, sliding in enumerate(self.sliding):
+            s, d = pairs[sliding]
+            if s:
+                s_idx = torch.tensor(s, device=self.device)
+                d_idx = torch.tensor(d, device=self.device)
+                self.k[layer][d_idx] = self.k[layer][s_idx]
+                self.v[layer][d_idx] = self.v[layer][s_idx]
+        dst.cached_len = src.cached_len
+
+
+class CacheStep:
+    """One forward's view of the cache (the model calls ``attend`` from every attention layer).
+
+    ``fresh=True``: every sequence starts from an empty cache, so attention runs the varlen training kernel over
+    the new tokens themselves (same kernel and math as the trainer) and the keys/values are only stored. Otherwise
+    the new tokens append to what is cached and attention runs the paged decode kernel.
+    """
+
+    def __init__(self, cache: PagedKVCache, seqs: list[SequencePages], q_lens: list[int], fresh: bool) -> None:
+        self.cache, self.fresh = cache, fresh
+        device, page = cache.device, cache.page_size
+        full_slots, sliding_slots, seq_lens = [], [], []
+        for seq, n in zip(seqs, q_lens, strict=True):
+            start, end = seq.cached_len, seq.cached_len + n
+            # Sliding layers: a fresh prefill attends over the new tokens directly, so only the keys a future query
+            # can see (the last window - 1) are stored; an append reads its keys from the cache, so all are stored.
+            first_stored = max(start, end - cache.window + 1) if fresh else start
+            cache.grow(seq, end, first_stored)
+            for pos in range(start, end):
+                if seq.full:
+                    full_slots.append(seq.full[pos // page] * page + pos % page)
+                if cache.sliding_pool.num_pages:
+                    keep = pos >= first_stored
+                    sliding_slots.append(seq.sliding[pos // page] * page + pos % page if keep else -1)
+            seq_lens.append(end)
+        self.full_slots = torch.tensor(full_slots, dtype=torch.long, device=device)
+        sliding = torch.tensor(sliding_slots, dtype=torch.long, device=device)
+        self.sliding_keep = (sliding >= 0).nonzero().squeeze(1)
+        self.sliding_slots = sliding[self.sliding_keep]
+        cu = [0]
+        for n in q_lens:
+            cu.append(cu[-1] + n)
+        self.cu_q_lens = torch.tensor(cu, dtype=torch.int32, device=device)
+        self.max_q_len = max(q_lens)
+        self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+        width = max(1, max(cache.pages_for(n, page) for n in seq_lens))
+        self.full_table = self._table([s.full for s in seqs], width)
+        self.sliding_table = self._table([s.sliding for s in seqs], width)
+
+    def _table(self, pages: list[list[int]], width: int) -> torch.Tensor:
+        rows = [[max(p, 0) for p in ps] + [0] * (width - len(ps)) for ps in pages]
+        return torch.tensor(rows, dtype=torch.int32, device=self.cache.device)
+
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, window: int | None
+    ) -> torch.Tensor:
+        k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        flat_k, flat_v = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+        sliding = self.cache.sliding[layer_idx]
+        if sliding:
+            flat_k.index_copy_(0, self.sliding_slots, k[self.sliding_keep])
+            flat_v.index_copy_(0, self.sliding_slots, v[self.sliding_keep])
+        else:
+            flat_k.index_copy_(0, self.full_slots, k)
+            flat_v.index_copy_(0, self.full_slots, v)
+        if self.fresh:
+            return sink_attention(q, k, v, sinks, self.cu_q_lens, self.max_q_len, window=window)
+        table = self.sliding_table if sliding else self.full_table
+        return paged_decode_attention(
+            q, k_cache, v_cache, table, self.seq_lens, self.cu_q_lens, self.max_q_len, sinks, window=window
+        )
+
+    def finish(self, seqs: list[SequencePages], q_lens: list[int]) -> None:
+        for seq, n in zip(seqs, q_lens, strict=True):
+            seq.cached_len += n
+            self.cache.trim(seq)
