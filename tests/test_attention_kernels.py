@@ -210,3 +210,16 @@ def test_bad_inputs_raise_before_launch(changes: dict, match: str) -> None:
     args = _bad(**changes)
     with pytest.raises(ValueError, match=match):
         sink_attention_triton(**args)
+
+
+@needs_interpreter
+def test_validation_is_cached_per_pack_but_sees_changes() -> None:
+    case = Case((5, 3), 1, 1, 16, None, (0.0,), torch.float32)
+    q, k, v, sinks, cu, max_len = make_inputs(case, "cpu", torch.float32)
+    sink_attention_triton(q, k, v, sinks, cu, max_len)
+    sink_attention_triton(q, k, v, sinks, cu, max_len)  # same pack: no re-read of cu_seqlens
+    cu[1] = 9  # an in-place change bumps the version counter: validated again
+    with pytest.raises(ValueError, match="non-decreasing"):
+        sink_attention_triton(q, k, v, sinks, cu, max_len)
+    with pytest.raises(ValueError, match="smaller than the longest"):
+        sink_attention_triton(q, k, v, sinks, torch.tensor([0, 8], dtype=torch.int32), max_len)
