@@ -1,0 +1,48 @@
+"""What a sandboxed run returns, and how its raw outcome maps to an error kind."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from typing import Literal
+
+ErrorKind = Literal["timeout", "memory", "killed", "syntax", "runtime", "output_limit"]
+Network = Literal["netns", "audit_hook"]
+
+# Exit codes the bootstrap uses (kept in sync with _bootstrap.py, which cannot be imported: it runs on load).
+EXIT_SYNTAX, EXIT_MEMORY = 210, 211
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself failed (could not start or isolate the program); never raised for what the program did."""
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    ok: bool  # exited 0 within every limit
+    stdout: str
+    stderr: str
+    exit_code: int | None  # negative: killed by that signal; None: we killed it (timeout/output) before it ended
+    error_kind: ErrorKind | None
+    wall_time_s: float
+    network: Network  # "netns": a network namespace with nothing but a down loopback; "audit_hook": best effort
+    isolation: tuple[str, ...] = field(default=())  # what held: netns, pidns, mntns, ipcns, rofs, uid, ...
+    cpu_time_s: float | None = None  # of the main process, when it ended on its own
+
+
+def classify(
+    *, timed_out: bool, overflow: bool, exit_code: int | None, signum: int | None, cpu_s: float | None, cpu_limit: int
+) -> ErrorKind | None:
+    if timed_out:
+        return "timeout"
+    if overflow:
+        return "output_limit"
+    if signum is not None:
+        if signum == signal.SIGXCPU or (signum == signal.SIGKILL and cpu_s is not None and cpu_s >= cpu_limit - 0.05):
+            return "timeout"  # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL at the hard one
+        return "killed"
+    if exit_code is None:
+        return "killed"  # the sandbox's own processes died before reporting
+    if exit_code == 0:
+        return None
+    return {EXIT_SYNTAX: "syntax", EXIT_MEMORY: "memory"}.get(exit_code, "runtime")
