@@ -4,7 +4,7 @@ from ossrl.tasks import get_task, list_tasks
 task = get_task("gsm8k", path="../shared/data/gsm8k/train.jsonl")
 """
 
-from ossrl.tasks import gsm8k, retool  # noqa: F401 (registers the tasks)
+from ossrl.tasks import arithmetic, gsm8k, ifeval, matmul, retool  # noqa: F401 (registers the tasks)
 from ossrl.tasks.base import Prompt, Task, ToolSpec, get_task, list_tasks, register_task, task_options
 from ossrl.tasks.data import BadRow, clean_rows, read_local
 from ossrl.tasks.episode import parse_episode, render_episode

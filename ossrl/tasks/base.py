@@ -50,6 +50,7 @@ class Prompt:
     tools: list[Tool] = field(default_factory=list)
     reasoning_effort: str | None = "low"
     current_date: str | None = None
+    system: bool = True
 
     def _options(self) -> dict[str, Any]:
         return {
@@ -57,6 +58,7 @@ class Prompt:
             "tools": self.tools or None,
             "reasoning_effort": self.reasoning_effort,
             "current_date": self.current_date,
+            "system": self.system,
         }
 
     def render(self, tokenizer: Any) -> list[int]:
@@ -73,7 +75,8 @@ class Task:
     Common options: ``rewards`` (names, or name -> weight; default: the task's defaults), ``tools`` (names the
     policy may call; default: all the task defines; ``[]`` for none), ``reasoning_effort`` (low/medium/high),
     ``instructions`` (replaces the default developer instructions), ``current_date`` (None keeps prompts
-    identical from day to day), ``normalize_rewards`` (weighted mean over applicable rewards, see rewards.py),
+    identical from day to day), ``system_message`` (False leaves Harmony's generated system message out: shorter
+    prompts for tiny models), ``normalize_rewards`` (weighted mean over applicable rewards, see rewards.py),
     ``seed`` (for generated data and held-out splits).
     """
 
@@ -91,6 +94,7 @@ class Task:
         reasoning_effort: str | None = "low",
         instructions: str | None = None,
         current_date: str | None = None,
+        system_message: bool = True,
         normalize_rewards: bool = True,
         seed: int = 0,
     ) -> None:
@@ -100,6 +104,7 @@ class Task:
         self.reasoning_effort = reasoning_effort
         self.instructions = instructions if instructions is not None else self.default_instructions
         self.current_date = current_date
+        self.system_message = system_message
         self.seed = seed
         self.reward_set = RewardSet(self._select_rewards(rewards), normalize=normalize_rewards)
         self.tools = self._select_tools(tools)
@@ -140,6 +145,7 @@ class Task:
             tools=[t.definition for t in self.tools.values()],
             reasoning_effort=self.reasoning_effort,
             current_date=self.current_date,
+            system=self.system_message,
         )
 
     def render_prompt(self, row: Mapping[str, Any], tokenizer: Any) -> list[int]:
