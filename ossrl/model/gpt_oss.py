@@ -266,11 +266,11 @@ class GptOss(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.embed_tokens.weight.dtype
 
     def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
         """Final normed hidden states [T, H] of a packed batch."""
