@@ -163,8 +163,15 @@ class Task:
     def parse(self, completion: Any, tokenizer: Any | None = None) -> ParsedCompletion:
         """A completion as reward functions see it: token ids and engine Completions (``.token_ids``) are parsed
         as episodes (tool turns included); strings and message lists as in :func:`as_completion`."""
-        ids = getattr(completion, "token_ids", completion)
-        if isinstance(ids, Sequence) and ids and all(isinstance(t, int) for t in ids):
+        ids = getattr(completion, "token_ids", None)
+        if (
+            ids is None
+            and isinstance(completion, Sequence)
+            and completion
+            and all(isinstance(t, int) for t in completion)
+        ):
+            ids = completion
+        if ids is not None:
             if tokenizer is None:
                 raise ValueError(f"task {self.name}: completions given as token ids need tokenizer=")
             return parse_episode(ids, tokenizer)

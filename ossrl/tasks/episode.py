@@ -29,8 +29,8 @@ def parse_episode(token_ids: Sequence[int], tokenizer: Any) -> ParsedCompletion:
     out = ParsedCompletion()
     pos, turn = 0, 0
     while True:
-        stop = next((i for i in range(pos, len(ids)) if ids[i] in (tok.call, tok.return_)), len(ids) - 1)
-        last = ids[stop] != tok.call or stop + 1 >= len(ids)  # no tool result follows: this is the last turn
+        stop = next((i for i in range(pos, len(ids)) if ids[i] in (tok.call, tok.return_)), None)
+        last = stop is None or ids[stop] != tok.call or stop + 1 >= len(ids)  # no tool result follows
         part = parse_completion(ids[pos:] if last else ids[pos : stop + 1], tokenizer)
         prefix = f"turn {turn}: " if turn else ""
         out.messages += part.messages
