@@ -51,7 +51,8 @@ def test_python_tool_errors_and_budget(task):
 
 
 def test_python_tool_limits_hold(task):
-    out = task.call_tool("python", {"code": "while True: pass"})
+    quick = get_task("retool", path=str(GSM8K_TRAIN), limit=5, timeout_s=1)
+    out = quick.call_tool("python", {"code": "while True: pass"})
     assert out.startswith("error: timeout")
     secret = task.call_tool("python", {"code": "import os; print(sorted(os.environ))"})
     assert "HOME" in secret and "OSSRL" not in secret and "PYTEST" not in secret

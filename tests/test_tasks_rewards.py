@@ -84,6 +84,15 @@ def test_a_failing_batch_function_is_retried_per_sample(caplog):
     assert any("ZeroDivisionError" in r.getMessage() for r in caplog.records)
 
 
+def test_prompt_and_completion_columns_are_not_passed():
+    @per_sample
+    def sees(prompt, completion, **row):
+        return float(sorted(row) == ["gold"])
+
+    out = RewardSet([Reward("sees", sees)])(["a"], ["x"], prompt=["raw prompt"], completion=["raw"], gold=["x"])
+    assert out.values["sees"] == [1.0]
+
+
 def test_non_finite_value_counts_as_failure():
     out = RewardSet([Reward("nan", lambda p, c, **_: [math.nan, 1.0])])(["a", "b"], ["x", "y"])
     assert out.values["nan"] == [0.0, 1.0] and out.errors["nan"] == 1

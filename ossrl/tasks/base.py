@@ -184,7 +184,7 @@ class Task:
         if len(rows) != len(completions):
             raise ValueError(f"task {self.name}: {len(rows)} rows for {len(completions)} completions")
         parsed = [self.parse(c, tokenizer) for c in completions]
-        keys = sorted({k for r in rows for k in r})
+        keys = sorted({k for r in rows for k in r} - {"prompt", "completion"})  # TRL's rule: those are not columns
         clash = [k for k in keys if k in ("prompts", "completions")]
         if clash:
             raise ValueError(f"task {self.name}: a dataset column may not be named {clash[0]!r}")

@@ -3,7 +3,9 @@
 A reward function has TRL's shape: ``fn(prompts, completions, **columns) -> list[float | None]``. ``completions`` are
 :class:`~ossrl.harmony.ParsedCompletion` (``.final_text`` is the answer, ``.messages`` the whole episode, ``.ok`` and
 ``.problems`` say whether the Harmony was well formed); each dataset column arrives as a keyword list, one value per
-sample, so a function takes what it needs and ``**_`` for the rest. ``None`` means "does not apply to this sample".
+sample, so a function takes what it needs and ``**_`` for the rest (as in TRL, columns named ``prompt`` and
+``completion`` are not passed: they are what ``prompts`` and ``completions`` hold). ``None`` means "does not apply to
+this sample".
 
 :class:`RewardSet` calls each function and combines them. The rules:
 
@@ -170,7 +172,7 @@ class RewardSet:
         prompts = list(prompts)
         if len(prompts) != len(comps):
             raise ValueError(f"{len(prompts)} prompts for {len(comps)} completions")
-        cols = {k: list(v) for k, v in columns.items()}
+        cols = {k: list(v) for k, v in columns.items() if k not in ("prompt", "completion")}
         _rows(len(comps), cols)  # checks the lengths
         values: dict[str, list[float | None]] = {}
         errors: dict[str, int] = {}
