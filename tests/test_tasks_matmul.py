@@ -36,7 +36,11 @@ HOSTILE = {
     "perf_counter": ("import time\ntime.perf_counter = lambda: 0.0\n" + FAST, "imports time"),
     "time_time": ("from time import time\nimport time as t\nt.time = lambda: 0.0\n" + FAST, "imports time"),
     "sys_modules": ("import sys\nnp = sys.modules.get('numpy')\n" + FAST, "imports sys"),
-    "module_attr": ("import typing\ns = typing.sys\n" + FAST, "accesses .sys"),
+    "module_attr": ("import fractions\ns = fractions.sys\n" + FAST, "accesses .sys"),
+    "attrgetter": ("from operator import attrgetter as a\nsub = a('__class__.__base__')(())\n" + FAST,
+                   "imports attrgetter"),
+    "methodcaller": ("import operator\nf = operator.methodcaller('__subclasses__')\n" + FAST,
+                     "accesses .methodcaller"),
     "private_attr": ("import collections\ns = collections._sys\n" + FAST, "private attribute ._sys"),
     "frames": ("def matmul(A, B):\n    try:\n        1/0\n    except Exception as e:\n"
                "        return e.__traceback__.tb_frame.f_back.f_locals['out']\n", "accesses .tb_frame"),

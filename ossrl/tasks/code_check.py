@@ -3,9 +3,10 @@
 The policy is told to use pure Python and a few harmless standard-library modules. Anything that could reach the
 process, the harness or compiled code is a violation: imports outside ``allowed`` (numpy, and stdlib modules such
 as os, sys, time, gc, inspect, ctypes, importlib), the dynamic-code builtins (``__import__``, ``exec``, ``eval``,
-``compile``), reflection (``getattr``/``setattr``/``globals``/``vars``...), any dunder name (``__builtins__``),
-any attribute starting with ``_`` (``__class__``, ``__subclasses__``, ``collections._sys``), frame and code
-attributes (``f_back``, ``tb_frame``, ``gi_frame``) and attributes named like a module (``typing.sys``).
+``compile``), reflection (``getattr``/``setattr``/``globals``/``vars``, ``operator.attrgetter``...), any dunder
+name (``__builtins__``), any attribute starting with ``_`` (``__class__``, ``__subclasses__``, ``collections._sys``),
+frame and code attributes (``f_back``, ``tb_frame``, ``gi_frame``) and attributes named like a module
+(``fractions.sys``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from dataclasses import dataclass, field
 
 SAFE_IMPORTS: frozenset[str] = frozenset(
     {"__future__", "array", "bisect", "collections", "fractions", "functools", "heapq", "itertools", "math",
-     "numbers", "operator", "typing"}
+     "numbers", "operator"}
 )  # fmt: skip
 FORBIDDEN_NAMES: frozenset[str] = frozenset(
     {"__import__", "exec", "eval", "compile", "globals", "locals", "vars", "getattr", "setattr", "delattr", "open",
-     "input", "breakpoint", "exit", "quit", "help", "memoryview", "builtins", "importlib"}
+     "input", "breakpoint", "exit", "quit", "help", "memoryview", "builtins", "importlib",
+     "attrgetter", "methodcaller"}  # attribute access by string: attrgetter("__class__") escapes the dunder check
 )  # fmt: skip
 FRAME_ATTRS: frozenset[str] = frozenset(
     {"f_back", "f_locals", "f_globals", "f_builtins", "f_code", "f_trace", "tb_frame", "tb_next", "gi_frame",
@@ -78,6 +80,7 @@ def check_code(source: str, *, allowed_imports: frozenset[str] | set[str] = SAFE
             elif v := _import_violation(node.module, line, allowed):
                 found.append(v)
             found += [f"line {line}: imports private name {a.name}" for a in node.names if a.name.startswith("_")]
+            found += [f"line {line}: imports {a.name}" for a in node.names if a.name in FORBIDDEN_NAMES]
         elif isinstance(node, ast.Name):
             if node.id in FORBIDDEN_NAMES:
                 found.append(f"line {line}: uses {node.id}")
@@ -86,7 +89,7 @@ def check_code(source: str, *, allowed_imports: frozenset[str] | set[str] = SAFE
         elif isinstance(node, ast.Attribute):
             if node.attr.startswith("_"):
                 found.append(f"line {line}: accesses the private attribute .{node.attr}")
-            elif node.attr in FRAME_ATTRS or node.attr in MODULE_ATTRS:
+            elif node.attr in FRAME_ATTRS or node.attr in MODULE_ATTRS or node.attr in FORBIDDEN_NAMES:
                 found.append(f"line {line}: accesses .{node.attr}")
     for node in tree.body:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):

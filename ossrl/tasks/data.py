@@ -76,8 +76,8 @@ def clean_rows(
 ) -> list[dict[str, Any]]:
     """``convert`` every row; rows that are not dicts or whose conversion raises :class:`BadRow` are skipped.
 
-    Logs one warning: how many were skipped, per reason, and the first ``show`` row numbers (0-based, in file
-    order). Raises if no row is left."""
+    Logs one warning: how many were skipped, per reason, and the first ``show`` row numbers (0-based, counting the
+    rows read: a jsonl file's non-empty lines). Raises if no row is left."""
     out: list[dict[str, Any]] = []
     reasons: Counter[str] = Counter()
     first: list[str] = []

@@ -7,10 +7,14 @@ text. math-verify then compares it with the gold answer (commas in numbers, ``$`
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from functools import lru_cache
 from typing import Any
+
+log = logging.getLogger("ossrl.tasks")
+MAX_ANSWER_CHARS = 200  # a longer "answer" is not one; also bounds math-verify's work where it has no timeout
 
 # A number as people write it: $1,234.50, -3, 0.5, 3/4, \frac{3}{4}, 45%.
 _NUMBER = re.compile(
@@ -70,9 +74,26 @@ def simple_number(text: str) -> float | None:
         return None
 
 
+_warned = threading.Event()
+
+
+def _quiet_timeout_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Timeout is disabled")
+
+
+for _name in ("math_verify.parser", "math_verify.grader"):  # we say it once ourselves, not once per answer
+    logging.getLogger(_name).addFilter(_quiet_timeout_warning)
+
+
 def _timeout() -> int | None:
     # math-verify's timeout uses SIGALRM, which only the main thread may set; rewards may run in threads.
-    return 5 if threading.current_thread() is threading.main_thread() else None
+    if threading.current_thread() is threading.main_thread():
+        return 5
+    if not _warned.is_set():
+        _warned.set()
+        log.info("math answers checked outside the main thread: math-verify runs without its timeout "
+                 "(answers are capped at %d characters)", MAX_ANSWER_CHARS)  # fmt: skip
+    return None
 
 
 @lru_cache(maxsize=65536)
@@ -90,7 +111,7 @@ def parse_gold(gold: str) -> Any:
 def answers_match(gold: str, answer: str | None) -> bool:
     """Whether ``answer`` equals ``gold``: exact for plain numbers (fast, no tolerance surprises), math-verify
     for anything else (fractions, LaTeX, units, percentages)."""
-    if answer is None or not answer.strip():
+    if answer is None or not answer.strip() or len(answer) > MAX_ANSWER_CHARS:
         return False
     g, a = simple_number(gold), simple_number(answer)
     if g is not None and a is not None:
