@@ -132,7 +132,7 @@ class Engine:
         runner = ToolRunner(tools or {}, self.tokenizer, sampling) if tools else None
         max_chunk = sampling.max_tool_tokens + 64 if tools else 1
         reserve = sampling.max_new_tokens + (sampling.max_turns - 1) * max_chunk
-        cache = self._cache = self._make_cache(max_chunk)
+        cache = self._cache = self._make_cache(max_chunk, max((r.n for r in requests), default=1))
         queue: deque[int] = deque()
         for i, request in enumerate(requests):
             problem = self._check_request(request, vocab, reserve, cache, max_chunk)
@@ -145,6 +145,8 @@ class Engine:
         try:
             while queue or running or waiting_tools:
                 admitted = self._admit(queue, requests, running, cache, reserve, max_chunk, sampling)
+                if not admitted and queue and not running and not waiting_tools:  # cannot happen: checked up front
+                    raise RuntimeError(f"rollout engine: request {queue[0]} can never be admitted")
                 if admitted:
                     self._prefill(admitted, cache, sampling, stop_ids, running, waiting_tools, results, runner)
                 if runner is not None:
@@ -165,7 +167,7 @@ class Engine:
         return [[c for c in group if c is not None] for group in results]  # type: ignore[misc]
 
     # ---- scheduling --------------------------------------------------------------------------------------------
-    def _make_cache(self, max_chunk: int) -> PagedKVCache:
+    def _make_cache(self, max_chunk: int, max_group: int) -> PagedKVCache:
         config, device, dtype = self.model.config, self.model.device, self.model.dtype
         tokens = self.kv_cache_tokens
         n_full = sum(t == "full_attention" for t in config.layer_types)
@@ -173,15 +175,16 @@ class Engine:
         if tokens is None:
             if device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(device)
-                sliding_bytes = self.max_num_seqs * (config.sliding_window + max_chunk + 2 * self.page_size)
-                sliding_bytes *= per_token * (config.num_hidden_layers - n_full)
+                sliding_tokens = config.sliding_window + max_chunk + 2 * self.page_size
+                sliding_bytes = max(self.max_num_seqs, max_group) * sliding_tokens * per_token
+                sliding_bytes *= config.num_hidden_layers - n_full
                 tokens = int((0.9 * free - sliding_bytes) / max(1, per_token * n_full))
             else:
                 tokens = 65536
         full_pages = max(1, tokens // self.page_size)
         probe = PagedKVCache.__new__(PagedKVCache)  # size the sliding pool from the same formula the cache uses
         probe.window, probe.page_size, probe.sliding = config.sliding_window, self.page_size, [True]
-        sliding_pages = self.max_num_seqs * probe.sliding_pages_needed(max_chunk)
+        sliding_pages = max(self.max_num_seqs, max_group) * probe.sliding_pages_needed(max_chunk)
         if "sliding_attention" not in config.layer_types:
             sliding_pages = 0
         return PagedKVCache(
@@ -202,8 +205,9 @@ class Engine:
         if len(request.prompt_ids) >= self.max_model_len:
             return f"prompt of {len(request.prompt_ids)} tokens does not fit the context ({self.max_model_len})"
         max_len = min(len(request.prompt_ids) + reserve, self.max_model_len)
-        if not cache.fits_ever(max_len, max_chunk):
-            return f"a sequence of up to {max_len} tokens can never fit the KV cache; raise kv_cache_tokens"
+        if not cache.fits_ever(max_len, max_chunk, copies=request.n):
+            return (f"{request.n} sequence(s) of up to {max_len} tokens can never fit the KV cache; raise "
+                    "kv_cache_tokens")  # fmt: skip
         if len(request.prompt_ids) > self.max_prefill_tokens:
             return f"prompt of {len(request.prompt_ids)} tokens exceeds max_prefill_tokens ({self.max_prefill_tokens})"
         return None

@@ -102,9 +102,11 @@ class PagedKVCache:
         self.sliding_pool.reserve(sliding)
         return SequencePages(full_reserved=full, sliding_reserved=sliding)
 
-    def fits_ever(self, max_len: int, max_chunk: int) -> bool:
+    def fits_ever(self, max_len: int, max_chunk: int, copies: int = 1) -> bool:
+        """Whether ``copies`` such sequences fit an empty cache (a request's n samples are admitted together)."""
         full = self.pages_for(max_len, self.page_size) if not all(self.sliding) else 0
-        return full <= self.full_pool.num_pages and self.sliding_pages_needed(max_chunk) <= self.sliding_pool.num_pages
+        sliding = self.sliding_pages_needed(max_chunk)
+        return copies * full <= self.full_pool.num_pages and copies * sliding <= self.sliding_pool.num_pages
 
     def release(self, seq: SequencePages) -> None:
         for page in seq.full:
