@@ -1,0 +1,1 @@
+"""Training loop pieces: evaluation on a task's held-out split (the trainer lands in its own issue)."""
