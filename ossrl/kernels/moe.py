@@ -2,7 +2,8 @@
 
 Tokens are sorted by expert and each expert multiplies one contiguous slice (a grouped GEMM), so no activation
 is ever copied once per expert. On CUDA with bf16/fp16 the slices go through ``torch._grouped_mm`` in a single
-launch; elsewhere a loop over the experts that were hit does the same math.
+launch; elsewhere a loop over the experts that were hit does the same math. Per-expert LoRA adapters ride on the
+same sorted activations and the same grouped GEMMs.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from collections.abc import Callable
 from functools import cache
 
 import torch
+import torch.nn.functional as F
 
 from ossrl.kernels import warn_once
 
 Weight = torch.Tensor | Callable[[], torch.Tensor]
+LoraFactors = tuple[torch.Tensor, torch.Tensor, float]  # A [E, in, r], B [E, r, out], scale (alpha / r)
 
 
 def swiglu_clamped(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -40,8 +43,11 @@ def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
-def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, counts_list: list[int]) -> torch.Tensor:
-    """Rows of ``x`` [N, K] sorted by group; group g (``counts[g]`` rows) is multiplied by ``weight[g]`` [K, M]."""
+def grouped_matmul(
+    x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, counts_list: list[int] | None = None
+) -> torch.Tensor:
+    """Rows of ``x`` [N, K] sorted by group; group g (``counts[g]`` rows) is multiplied by ``weight[g]`` [K, M].
+    ``counts_list`` (``counts`` on the host) is only read by the loop fallback; None reads it there."""
     if _grouped_mm_works(x.device, x.dtype) and x.shape[1] % 8 == 0 and weight.shape[2] % 8 == 0:
         grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
@@ -50,11 +56,26 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, 
         warn_once("grouped_mm", f"grouped_mm unavailable for {x.dtype} {tuple(weight.shape)}; looping over experts")
     out = x.new_empty(x.shape[0], weight.shape[2])
     start = 0
-    for g, n in enumerate(counts_list):
+    for g, n in enumerate(counts.tolist() if counts_list is None else counts_list):
         if n:
             out[start : start + n] = x[start : start + n] @ weight[g]
         start += n
     return out
+
+
+def grouped_lora(x: torch.Tensor, lora: LoraFactors, counts: torch.Tensor, counts_list: list[int]) -> torch.Tensor:
+    """The per-expert low-rank update of rows sorted by expert: (x_g @ A_g @ B_g) * scale for every group g.
+
+    r is zero-padded to a multiple of 8 (grouped_mm's alignment; zero columns of A meet zero rows of B, so the
+    result is unchanged) so small ranks keep the single-launch path on CUDA."""
+    a, b, scale = lora
+    e, fan_in, r = a.shape
+    if (e, fan_in) != (counts.shape[0], x.shape[1]) or tuple(b.shape[:2]) != (e, r):
+        raise ValueError(f"LoRA factors {tuple(a.shape)} / {tuple(b.shape)} do not fit x {tuple(x.shape)}")
+    pad = -r % 8
+    a = F.pad(a.to(x.dtype), (0, pad))
+    b = F.pad(b.to(x.dtype), (0, 0, 0, pad))
+    return grouped_matmul(grouped_matmul(x, a, counts, counts_list), b, counts, counts_list) * scale
 
 
 def moe_experts(
@@ -67,27 +88,36 @@ def moe_experts(
     down_proj_bias: torch.Tensor,
     alpha: float = 1.702,
     limit: float = 7.0,
+    gate_up_lora: LoraFactors | None = None,
+    down_lora: LoraFactors | None = None,
 ) -> torch.Tensor:
     """Mixture of experts over the chosen experts only.
 
     x [N, H]; expert_ids [N, k] long; expert_weights [N, k] (router softmax over the chosen k);
     gate_up_proj [E, H, 2I] (or a callable returning it, e.g. an MXFP4 weight's dequantize), gate_up_proj_bias
     [E, 2I]; down_proj [E, I, H], down_proj_bias [E, H]. Returns [N, H] in x's dtype.
+    ``gate_up_lora`` / ``down_lora``: optional per-expert LoRA (A [E, in, r], B [E, r, out], scale), so expert e
+    computes x @ (W_e + scale * A_e @ B_e) without ever forming the sum; computed in x's dtype.
     The k expert outputs of a token are summed in a fixed order, so the result is deterministic.
     """
     n, k = expert_ids.shape
     num_experts = gate_up_proj_bias.shape[0]
     flat_ids = expert_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=num_experts)
-    counts_list = counts.tolist()
+    sorted_ids = flat_ids[order]
+    # Rows per expert without a host round trip (torch.bincount reads max(ids) on the host: a GPU sync per layer).
+    counts = torch.searchsorted(sorted_ids, torch.arange(num_experts + 1, device=x.device)).diff()
+    counts_list = None if _grouped_mm_works(x.device, x.dtype) else counts.tolist()
     token_of = order // k
     xs = x[token_of]
     w_gate_up = gate_up_proj() if callable(gate_up_proj) else gate_up_proj
     w_down = down_proj() if callable(down_proj) else down_proj
-    sorted_ids = flat_ids[order]
     h = grouped_matmul(xs, w_gate_up.to(x.dtype), counts, counts_list) + gate_up_proj_bias[sorted_ids].to(x.dtype)
+    if gate_up_lora is not None:
+        h = h + grouped_lora(xs, gate_up_lora, counts, counts_list)
     h = swiglu_clamped(h, alpha, limit)
     y = grouped_matmul(h, w_down.to(x.dtype), counts, counts_list) + down_proj_bias[sorted_ids].to(x.dtype)
+    if down_lora is not None:
+        y = y + grouped_lora(h, down_lora, counts, counts_list)
     unsorted = torch.empty_like(y).index_copy(0, order, y)  # back to (token, slot) order
     return (unsorted.view(n, k, -1) * expert_weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)

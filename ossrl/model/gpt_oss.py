@@ -76,6 +76,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` that may carry an unmerged LoRA adapter (set by ``ossrl.model.lora.apply_lora``):
+    out = x W^T + b + lora(x). The adapter lives beside the weight, so checkpoint names are unchanged."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.register_module("lora", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        return out + self.lora(x) if _lora_on(self.lora) else out
+
+
+def _lora_on(adapter: nn.Module | None) -> bool:
+    return adapter is not None and bool(adapter.active)
+
+
 class Attention(nn.Module):
     def __init__(self, config: GptOssConfig, layer_idx: int) -> None:
         super().__init__()
@@ -83,10 +100,10 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.sinks = nn.Parameter(torch.zeros(self.num_heads, dtype=torch.float32))
         sliding = config.layer_types[layer_idx] == "sliding_attention"
         self.window = config.sliding_window if sliding else None
@@ -111,17 +128,21 @@ class Router(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.weight = nn.Parameter(torch.zeros(config.num_local_experts, config.hidden_size))
         self.bias = nn.Parameter(torch.zeros(config.num_local_experts))
+        self.register_module("lora", None)  # optional LoRA on the router's logits (ossrl.model.lora)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k experts per token and their weights: softmax over the k selected logits only."""
         logits = F.linear(x, self.weight, self.bias)
+        if _lora_on(self.lora):
+            logits = logits + self.lora(x)
         top_logits, top_ids = torch.topk(logits, self.top_k, dim=-1, sorted=True)
         return top_ids, torch.softmax(top_logits.float(), dim=-1).to(x.dtype)
 
 
 class Experts(nn.Module):
     """Expert weights in the layout of the HF bf16 checkpoints: gate_up_proj [E, H, 2I], down_proj [E, I, H].
-    A weight may instead be an ``MXFP4Weight`` (packed, dequantized for compute)."""
+    A weight may instead be an ``MXFP4Weight`` (packed, dequantized for compute). ``gate_up_lora`` / ``down_lora``
+    are optional per-expert LoRA adapters (``ossrl.model.lora``), applied inside the grouped expert GEMMs."""
 
     def __init__(self, config: GptOssConfig) -> None:
         super().__init__()
@@ -131,6 +152,8 @@ class Experts(nn.Module):
         self.down_proj: nn.Parameter | MXFP4Weight = nn.Parameter(torch.zeros(e, i, h))
         self.down_proj_bias = nn.Parameter(torch.zeros(e, h))
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+        self.register_module("gate_up_lora", None)
+        self.register_module("down_lora", None)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
         def weight(w: nn.Parameter | MXFP4Weight) -> torch.Tensor | Callable[[], torch.Tensor]:
@@ -139,6 +162,8 @@ class Experts(nn.Module):
         return moe_experts(
             x, expert_ids, expert_weights, weight(self.gate_up_proj), self.gate_up_proj_bias,
             weight(self.down_proj), self.down_proj_bias, alpha=self.alpha, limit=self.limit,
+            gate_up_lora=self.gate_up_lora.factors() if _lora_on(self.gate_up_lora) else None,
+            down_lora=self.down_lora.factors() if _lora_on(self.down_lora) else None,
         )  # fmt: skip
 
 
