@@ -63,7 +63,9 @@ def grouped_matmul(
     return out
 
 
-def grouped_lora(x: torch.Tensor, lora: LoraFactors, counts: torch.Tensor, counts_list: list[int]) -> torch.Tensor:
+def grouped_lora(
+    x: torch.Tensor, lora: LoraFactors, counts: torch.Tensor, counts_list: list[int] | None = None
+) -> torch.Tensor:
     """The per-expert low-rank update of rows sorted by expert: (x_g @ A_g @ B_g) * scale for every group g.
 
     r is zero-padded to a multiple of 8 (grouped_mm's alignment; zero columns of A meet zero rows of B, so the
