@@ -279,3 +279,14 @@ def test_bad_input_is_a_clear_error(tmp_path):
         (path / "adapter_config.json").write_text(json.dumps({**config, key: value}))
         with pytest.raises(ValueError, match=key if key != "target_modules" else "regex"):
             load_peft_adapter(base_model(), path)
+
+
+def test_base_checkpoint_excludes_adapters(tmp_path):
+    from ossrl.model import GptOss
+    from ossrl.model.lora import LoraConfig, apply_lora
+    from ossrl.model.tiny import tiny_config
+
+    model = GptOss.from_config(tiny_config(100, num_hidden_layers=2), dtype=torch.float32)
+    apply_lora(model, LoraConfig(r=4, targets=("q_proj", "gate_up_proj", "router")))
+    reloaded = GptOss.from_pretrained(model.save_pretrained(tmp_path / "base"), dtype=torch.float32)  # strict load
+    assert not any("lora" in name for name, _ in reloaded.named_parameters())

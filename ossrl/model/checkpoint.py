@@ -140,9 +140,12 @@ def _names(names: list[str], limit: int = 12) -> str:
 
 
 def checkpoint_tensors(model: GptOss, mxfp4: bool) -> dict[str, torch.Tensor]:
-    """The tensors of the HF on-disk form, expert matrices as MXFP4 blocks/scales when ``mxfp4``."""
+    """The tensors of the HF on-disk form, expert matrices as MXFP4 blocks/scales when ``mxfp4``. LoRA adapters
+    are not part of the base checkpoint (``ossrl.model.lora.save_peft_adapter`` writes them)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
+        if name.endswith((".lora_A", ".lora_B")):
+            continue
         is_expert_matrix = name.endswith(("experts.gate_up_proj", "experts.down_proj"))
         if mxfp4 and is_expert_matrix:
             weight = MXFP4Weight.from_dense(param.detach())
