@@ -17,6 +17,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--mxfp4", action="store_true", help="store the expert weights in MXFP4, as gpt-oss ships")
     tiny.add_argument("--seed", type=int, default=0)
 
+    tr = sub.add_parser("train", help="GRPO training (no config: the built-in tiny CPU recipe)",
+                        description="ossrl train [CONFIG.yaml] [section.field=value ...]")  # fmt: skip
+    tr.add_argument("items", nargs="*", metavar="CONFIG_OR_OVERRIDE",
+                    help="a YAML recipe (optional, first), then dotted overrides: optim.lr=1e-5 resume=true")  # fmt: skip
+
     ev = sub.add_parser("eval", help="accuracy of a model on a task's held-out split")
     ev.add_argument("--model", required=True, help="HF-format checkpoint directory or Hub id (with its tokenizer)")
     ev.add_argument("--task", required=True, help="task name (ossrl.tasks.list_tasks())")
@@ -47,6 +52,45 @@ def parse_options(pairs: list[str]) -> dict[str, object]:
         except json.JSONDecodeError:
             options[key] = value
     return options
+
+
+def run_train(items: list[str]) -> int:
+    import yaml
+
+    from ossrl.config import ConfigError, load_config
+    from ossrl.recipes import TINY_CPU
+
+    path = items[0] if items and "=" not in items[0] else None
+    overrides = [i if i.split("=", 1)[0] != "resume" else "checkpoint." + i for i in items[1 if path else 0 :]]
+    try:
+        if path is None:  # the embedded default recipe, written out as overrides so the same checks apply
+            base = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in _flatten(TINY_CPU)]
+            config = load_config(None, base + overrides)
+        else:
+            config = load_config(path, overrides)
+    except ConfigError as err:
+        print(f"ossrl train: {err}", file=sys.stderr)
+        return 2
+    from ossrl.train.run import run_training
+
+    result = run_training(config)
+    before, after = result["eval_before"], result["eval_after"]
+    print(f"accuracy: {before['accuracy']:.3f} before -> {after['accuracy']:.3f} after "
+          f"(tool use {before['tool_use_rate']:.2f} -> {after['tool_use_rate']:.2f}); "
+          f"{result['wall_time_s']:.0f} s")  # fmt: skip
+    print(f"report: {result['report']}\nsummary: {result['summary']}\nadapter: {result['adapter']}")
+    return 0
+
+
+def _flatten(data: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out: list[tuple[str, object]] = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key != "options":
+            out.extend(_flatten(value, name + "."))
+        else:
+            out.append((name, value))
+    return out
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -89,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         path = write_tiny_checkpoint(args.out_dir, mxfp4=args.mxfp4, seed=args.seed)
         print(f"wrote tiny GPT-OSS checkpoint and tokenizer to {path}")
         return 0
+    if args.command == "train":
+        return run_train(args.items)
     if args.command == "eval":
         try:
             return run_eval(args)

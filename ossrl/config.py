@@ -1,0 +1,268 @@
+"""Typed run configuration: dataclasses, YAML recipes, dotted command-line overrides, clear errors.
+
+    cfg = load_config("configs/gsm8k_20b.yaml", ["optim.lr=1e-5", "rollout.n=8"])
+
+Every field has the recommended default. A bad key or value fails with one message naming the field and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+@dataclass
+class ModelSettings:
+    path: str = "tiny"  # an HF checkpoint directory / Hub id, or "tiny" (built here, for the CPU demo)
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    device: str = "auto"  # auto: cuda if available, else cpu
+    gradient_checkpointing: bool = True
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = True
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class RolloutSettings:
+    prompts_per_step: int = 8
+    n: int = 4  # samples per prompt (the GRPO group)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_new_tokens: int = 512
+    max_turns: int = 4
+    tool_timeout_s: float = 30.0
+    max_tool_tokens: int = 512
+    max_num_seqs: int = 256
+    kv_cache_tokens: int | None = None
+
+
+@dataclass
+class AlgorithmSettings:
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    scale: Literal["group", "batch", "none"] = "group"
+    loss: Literal["ppo", "gspo", "cispo"] = "ppo"
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    kl_coef: float = 0.0
+    kl_kind: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = 0.0
+    updates_per_batch: int = 1  # 1 = strict on-policy: old log-probs are the current ones, detached (ratio 1)
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, draw more prompts
+    max_refills: int = 2
+    overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens before max_new_tokens (0: off)
+    overlong_penalty: float = 1.0
+    tis_cap: float | None = 2.0  # token-level truncated importance sampling (sampler vs trainer); None: off
+    seq_mask_hi: float | None = None  # sequence-level masked IS: drop sequences with geometric ratio outside
+
+
+@dataclass
+class OptimSettings:
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    max_grad_norm: float = 1.0
+    micro_batch_tokens: int = 8192
+
+
+@dataclass
+class TaskSettings:
+    name: str = "arithmetic"
+    options: dict[str, Any] = field(default_factory=dict)
+    reasoning_effort: Literal["low", "medium", "high"] = "low"
+    eval_limit: int | None = 200
+    eval_max_new_tokens: int | None = None  # default: rollout.max_new_tokens
+
+
+@dataclass
+class WarmupSettings:
+    """Supervised warm start on the task's demonstrations (tasks that provide them, e.g. arithmetic)."""
+
+    steps: int = 0
+    examples: int = 2000
+    tool_fraction: float = 0.5
+    lr: float = 3e-3
+    batch_size: int = 32
+    cache_dir: str = "~/.cache/ossrl/warm_start"
+
+
+@dataclass
+class LoggingSettings:
+    run_dir: str = "runs/latest"
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    progress: bool = True
+
+
+@dataclass
+class CheckpointSettings:
+    every: int = 50
+    resume: bool = False
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 0
+    eval_every: int = 0  # 0: evaluate before and after only
+    model: ModelSettings = field(default_factory=ModelSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
+    algorithm: AlgorithmSettings = field(default_factory=AlgorithmSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    task: TaskSettings = field(default_factory=TaskSettings)
+    warmup: WarmupSettings = field(default_factory=WarmupSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check (and gently convert: int -> float, "1e-5" -> float) a value against a field's type."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, where)
+    return value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = _fields(cls)
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{where}.{key}" if where else key
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config field {name!r}{hint} (fields here: {', '.join(known)})")
+        kwargs[key] = _coerce(value, hints[key], name)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A TrainConfig from a YAML recipe (optional) plus ``section.field=value`` overrides (YAML values)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected section.field=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    config = _build(TrainConfig, data, "")
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    def check(ok: bool, name: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{name}: {why}")
+
+    check(config.steps >= 0, "steps", "must be >= 0")
+    check(config.rollout.n >= 1, "rollout.n", "must be >= 1 (use >= 2 for group baselines)")
+    check(config.rollout.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
+    check(config.rollout.temperature > 0, "rollout.temperature", "must be > 0 for RL (log-probs at temperature T)")
+    check(config.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    check(config.optim.lr > 0, "optim.lr", "must be > 0")
+    check(len(config.optim.betas) == 2, "optim.betas", "needs two numbers")
+    check(config.optim.micro_batch_tokens >= 1, "optim.micro_batch_tokens", "must be >= 1")
+    check(config.algorithm.updates_per_batch >= 1, "algorithm.updates_per_batch", "must be >= 1")
+    check(config.lora.r >= 1, "lora.r", "must be >= 1")
+    check(not (config.algorithm.kl_coef > 0 and not config.lora.enabled), "algorithm.kl_coef",
+          "KL to the reference needs LoRA (the reference is the model with adapters off)")  # fmt: skip
+    check(0.0 <= config.warmup.tool_fraction <= 1.0, "warmup.tool_fraction", "must be in [0, 1]")
+    check(config.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")

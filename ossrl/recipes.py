@@ -1,0 +1,19 @@
+"""Built-in recipes. ``ossrl train`` with no config runs TINY_CPU: the tiny GPT-OSS on the arithmetic-with-calculator
+task, a supervised warm start (tool used in some demonstrations only), then GRPO with the tool loop. It runs on
+whatever is there, a 2-core CPU included, in under 10 minutes."""
+
+TINY_CPU: dict = {
+    "steps": 30,
+    "seed": 0,
+    "model": {"path": "tiny", "dtype": "float32", "device": "auto", "gradient_checkpointing": False},
+    "lora": {"enabled": True, "r": 16, "alpha": 32.0,
+             "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]},
+    "rollout": {"prompts_per_step": 16, "n": 4, "temperature": 1.0, "max_new_tokens": 48, "max_turns": 2,
+                "max_tool_tokens": 32, "tool_timeout_s": 5.0},
+    "algorithm": {"advantage": "grpo", "loss": "ppo", "agg": "token-mean", "kl_coef": 0.0, "tis_cap": 2.0},
+    "optim": {"lr": 2e-3, "warmup_steps": 2, "max_grad_norm": 1.0, "micro_batch_tokens": 4096},
+    "task": {"name": "arithmetic", "options": {"system_message": False}, "eval_limit": 100},
+    "warmup": {"steps": 300, "examples": 2000, "tool_fraction": 0.3, "lr": 3e-3, "batch_size": 32},
+    "logging": {"run_dir": "runs/tiny", "report_to": ["tensorboard"]},
+    "checkpoint": {"every": 10},
+}  # fmt: skip

@@ -1,0 +1,103 @@
+"""Building the policy's starting point: the model (a checkpoint, or the tiny demo model) and, for tasks that supply
+demonstrations, a short supervised warm start whose result is cached on disk (keyed by everything that shapes it)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ossrl.config import TrainConfig
+from ossrl.harmony import load_harmony_tokenizer
+from ossrl.model import GptOss
+from ossrl.model.checkpoint import resolve_checkpoint_dir
+from ossrl.model.tiny import write_tiny_checkpoint
+from ossrl.train.batching import Episode, episode_logprobs, pack_micro_batches
+
+log = logging.getLogger(__name__)
+
+
+def _key(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def base_checkpoint(config: TrainConfig) -> Path:
+    """The checkpoint directory the run starts from; "tiny" writes (once) a seeded tiny model into the cache."""
+    if config.model.path != "tiny":
+        return resolve_checkpoint_dir(config.model.path)
+    cache = Path(config.warmup.cache_dir).expanduser() / f"tiny-{_key({'seed': config.seed})}"
+    if not (cache / "config.json").exists():
+        write_tiny_checkpoint(cache, seed=config.seed)
+    return cache
+
+
+def supervised_warm_start(model: GptOss, tokenizer: Any, task: Any, config: TrainConfig) -> dict[str, float]:
+    """Full-parameter SFT on ``task.demonstrations``: cross-entropy on the tokens the policy writes (tool results
+    excluded). Returns the final loss and the wall time."""
+    settings = config.warmup
+    demos = task.demonstrations(settings.examples, tool_fraction=settings.tool_fraction, seed=config.seed)
+    episodes = []
+    for demo in demos:
+        r = task.render_demonstration(demo, tokenizer)
+        episodes.append(Episode(r["prompt_ids"], r["completion_ids"], r["loss_mask"], [0.0] * len(r["loss_mask"])))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10) * (1 - s / settings.steps))
+    generator = torch.Generator().manual_seed(config.seed)
+    start, loss_value = time.perf_counter(), float("nan")
+    model.train()
+    for step in range(settings.steps):
+        batch = torch.randint(0, len(episodes), (settings.batch_size,), generator=generator).tolist()
+        chosen = [episodes[i] for i in batch]
+        tokens = sum(sum(ep.loss_mask) for ep in chosen)
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in pack_micro_batches(chosen, config.optim.micro_batch_tokens):
+            eps = [chosen[i] for i in micro]
+            lp, _ = episode_logprobs(model, eps, temperature=1.0)
+            mask = torch.zeros_like(lp)
+            for row, ep in enumerate(eps):
+                mask[row, : len(ep.loss_mask)] = torch.tensor(ep.loss_mask, dtype=mask.dtype)
+            loss = -(lp * mask).sum() / tokens
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        loss_value = total
+        if step % 50 == 0 or step == settings.steps - 1:
+            log.info("warm start step %d/%d: loss %.4f", step + 1, settings.steps, loss_value)
+    model.eval()
+    return {"warmup/loss": loss_value, "warmup/seconds": time.perf_counter() - start}
+
+
+def load_starting_point(config: TrainConfig, task: Any, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer, info): the base checkpoint, after the cached supervised warm start when one is asked for."""
+    base = base_checkpoint(config)
+    tokenizer = load_harmony_tokenizer(base)
+    info: dict[str, Any] = {"base_checkpoint": str(base)}
+    if config.warmup.steps <= 0:
+        return GptOss.from_pretrained(base, dtype=dtype, device=device), tokenizer, info
+    if not hasattr(task, "demonstrations"):
+        raise ValueError(f"warmup.steps > 0 but task {task.name!r} has no demonstrations; set warmup.steps=0")
+    key = _key({"base": str(base), "warmup": vars(config.warmup), "task": config.task.name,
+                "options": config.task.options, "seed": config.seed, "dtype": str(dtype)})  # fmt: skip
+    cached = Path(config.warmup.cache_dir).expanduser() / f"warm-{key}"
+    info["warm_start"] = str(cached)
+    if (cached / "config.json").exists():
+        log.info("warm start: reusing %s", cached)
+        info.update(json.loads((cached / "warm_start.json").read_text()))
+        return GptOss.from_pretrained(cached, dtype=dtype, device=device), tokenizer, info
+    torch.manual_seed(config.seed)
+    model = GptOss.from_pretrained(base, dtype=dtype, device=device)
+    stats = supervised_warm_start(model, tokenizer, task, config)
+    model.save_pretrained(cached)
+    tokenizer.save_pretrained(cached)
+    (cached / "warm_start.json").write_text(json.dumps(stats))
+    info.update(stats)
+    return model, tokenizer, info
