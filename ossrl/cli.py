@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="GRPO training (no config: the built-in tiny CPU recipe)",
                         description="ossrl train [CONFIG.yaml] [section.field=value ...]")  # fmt: skip
     tr.add_argument("items", nargs="*", metavar="CONFIG_OR_OVERRIDE",
-                    help="a YAML recipe (optional, first), then dotted overrides: optim.lr=1e-5 resume=true")  # fmt: skip
+                    help="a YAML recipe (optional), then overrides: optim.lr=1e-5 resume=true")  # fmt: skip
 
     ev = sub.add_parser("eval", help="accuracy of a model on a task's held-out split")
     ev.add_argument("--model", required=True, help="HF-format checkpoint directory or Hub id (with its tokenizer)")
