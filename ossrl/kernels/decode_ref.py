@@ -13,9 +13,14 @@ below elsewhere; Triton is imported only when needed, so CPU-only installs work 
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 
 DEFAULT_KV_CHUNK = 256
+
+# Set while a caller that checked its own values (``check_values=False``) is inside ``paged_decode_attention``.
+_VALUES_CHECKED = contextvars.ContextVar("paged_decode_values_checked", default=False)
 
 
 def check_paged_decode_inputs(
@@ -31,7 +36,8 @@ def check_paged_decode_inputs(
     kv_chunk: int,
 ) -> None:
     """Raise a clear ValueError on bad input. Checks that read tensor values (they synchronize with the GPU) are
-    skipped while a CUDA graph is being captured; capture after one eager call has validated the same layout."""
+    skipped while a CUDA graph is being captured (capture after one eager call has validated the same layout) and
+    inside ``paged_decode_attention(..., check_values=False)``."""
     if q.dim() != 3 or k_cache.dim() != 4:
         raise ValueError(f"q must be [N, Hq, D] and k_cache [pages, page_size, Hkv, D]; got {tuple(q.shape)}, "
                          f"{tuple(k_cache.shape)}")  # fmt: skip
@@ -62,7 +68,7 @@ def check_paged_decode_inputs(
                     ("seq_lens", seq_lens), ("cu_q_lens", cu_q_lens)):  # fmt: skip
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
-    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+    if _VALUES_CHECKED.get() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     cu = cu_q_lens.tolist()
     if cu[0] != 0 or cu[-1] != n or any(b < a for a, b in zip(cu, cu[1:], strict=False)):
@@ -144,13 +150,25 @@ def paged_decode_attention(
     window: int | None = None,
     softmax_scale: float | None = None,
     kv_chunk: int = DEFAULT_KV_CHUNK,
+    *,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """Decode/append attention with sinks over a paged KV cache: the Triton kernel on CUDA, the reference elsewhere.
 
     q [N, Hq, D] new tokens packed by cu_q_lens int32 [B+1] (already written to the cache), k_cache/v_cache
     [pages, page_size, Hkv, D], page_table int32 [B, max_pages], seq_lens int32 [B] (cached tokens incl. new ones),
     sinks [Hq]. Returns [N, Hq, D]. Not differentiable (inference only).
+    ``check_values=False`` skips the checks that read cu_q_lens, seq_lens and page_table (on CUDA each read waits
+    for the GPU): for a caller that built them itself and checked them once, e.g. once per decode step rather than
+    once per layer. Shapes, dtypes and devices are still checked.
     """
+    if not check_values:
+        token = _VALUES_CHECKED.set(True)
+        try:
+            return paged_decode_attention(q, k_cache, v_cache, page_table, seq_lens, cu_q_lens, max_q_len, sinks,
+                                          window, softmax_scale, kv_chunk)  # fmt: skip
+        finally:
+            _VALUES_CHECKED.reset(token)
     args = (q, k_cache, v_cache, page_table, seq_lens, cu_q_lens, max_q_len, sinks, window, softmax_scale, kv_chunk)
     if q.is_cuda:
         from ossrl.kernels import warn_once  # lazy: ossrl.kernels imports this module

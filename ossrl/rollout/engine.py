@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ossrl.model.gpt_oss import GptOss, PackedBatch
-from ossrl.rollout.kv_cache import CacheStep, PagedKVCache, SequencePages
+from ossrl.rollout.kv_cache import CacheStep, PagedKVCache, SequencePages, to_device
 from ossrl.rollout.sampling import SamplingParams, sample_tokens
 from ossrl.rollout.tools import ToolRunner, Tools
 
@@ -51,7 +51,7 @@ class Completion:
         return [t for t, m in zip(self.token_ids, self.loss_mask, strict=True) if m]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: sequences are compared and removed as objects
 class _Seq:
     request: int
     sample: int
@@ -250,18 +250,18 @@ class Engine:
         """One forward over the pending tokens of ``seqs``; returns the logits of each sequence's last token."""
         q_lens = [len(s.pending) for s in seqs]
         device = self.model.device
-        ids = torch.tensor([t for s in seqs for t in s.pending], dtype=torch.long, device=device)
-        positions = torch.tensor(
-            [p for s in seqs for p in range(s.pages.cached_len, s.pages.cached_len + len(s.pending))], device=device
-        )
+        ids = to_device([t for s in seqs for t in s.pending], torch.long, device)
+        positions = [p for s in seqs for p in range(s.pages.cached_len, s.pages.cached_len + len(s.pending))]
+        positions = to_device(positions, torch.long, device)
         step = CacheStep(cache, [s.pages for s in seqs], q_lens, fresh)
         batch = PackedBatch(ids, step.cu_q_lens, step.max_q_len, positions, kv_cache=step)
         hidden = self.model.forward_packed(batch)
         step.finish([s.pages for s in seqs], q_lens)
-        last = step.cu_q_lens[1:].long() - 1
+        if step.max_q_len > 1:  # a decode step's rows are already one per sequence
+            hidden = hidden[step.cu_q_lens[1:].long() - 1]
         for s in seqs:
             s.pending = []
-        return self.model.lm_head(hidden[last]).float()
+        return self.model.lm_head(hidden).float()
 
     def _prefill(self, groups, cache, sampling, stop_ids, running, waiting_tools, results, runner) -> None:
         leaders = [g[0] for g in groups]
@@ -276,14 +276,14 @@ class Engine:
 
     def _step(self, seqs, cache, sampling, stop_ids, running, waiting_tools, results, runner) -> None:
         logits = self._forward(seqs, cache, fresh=False)
-        for s in seqs:
-            running.remove(s)
+        stepped = {id(s) for s in seqs}
+        running[:] = [s for s in running if id(s) not in stepped]
         self._sample_and_route(seqs, logits, sampling, stop_ids, running, waiting_tools, results, runner)
 
     def _sample_and_route(self, seqs, logits, sampling, stop_ids, running, waiting_tools, results, runner) -> None:
         device = logits.device
-        seeds = torch.tensor([s.seed for s in seqs], device=device)
-        positions = torch.tensor([s.length for s in seqs], device=device)
+        seeds = to_device([s.seed for s in seqs], torch.long, device)
+        positions = to_device([s.length for s in seqs], torch.long, device)
         tokens, logprobs = sample_tokens(logits, sampling, seeds, positions)
         for s, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist(), strict=True):
             s.new.append(token)

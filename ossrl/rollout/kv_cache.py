@@ -54,6 +54,7 @@ class SequencePages:
     cached_len: int = 0
     full_reserved: int = 0
     sliding_reserved: int = 0
+    trimmed: int = 0  # leading sliding pages already given back (trim starts there)
 
 
 class PagedKVCache:
@@ -116,7 +117,7 @@ class PagedKVCache:
                 self.sliding_pool.give(page)
         self.full_pool.unreserve(seq.full_reserved)
         self.sliding_pool.unreserve(seq.sliding_reserved)
-        seq.full, seq.sliding, seq.full_reserved, seq.sliding_reserved = [], [], 0, 0
+        seq.full, seq.sliding, seq.full_reserved, seq.sliding_reserved, seq.trimmed = [], [], 0, 0, 0
 
     def grow(self, seq: SequencePages, new_len: int, first_stored: int) -> None:
         """Make pages exist for positions < new_len (full pool) and for positions first_stored .. new_len - 1
@@ -136,10 +137,12 @@ class PagedKVCache:
         if not any(self.sliding):
             return
         oldest_visible = seq.cached_len - self.window + 1  # the next query sits at cached_len
-        for i in range(max(0, oldest_visible) // self.page_size):
+        end = max(0, oldest_visible) // self.page_size
+        for i in range(seq.trimmed, end):
             if seq.sliding[i] >= 0:
                 self.sliding_pool.give(seq.sliding[i])
                 seq.sliding[i] = -1
+        seq.trimmed = max(seq.trimmed, end)
 
     def copy_pages(self, src: SequencePages, dst: SequencePages) -> None:
         """Give ``dst`` its own copy of everything ``src`` has cached (n samples sharing one prefill)."""
@@ -156,7 +159,16 @@ class PagedKVCache:
                 d_idx = torch.tensor(d, device=self.device)
                 self.k[layer][d_idx] = self.k[layer][s_idx]
                 self.v[layer][d_idx] = self.v[layer][s_idx]
-        dst.cached_len = src.cached_len
+        dst.cached_len, dst.trimmed = src.cached_len, src.trimmed
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on ``device``; on CUDA through pinned memory, so the copy does not wait for the GPU.
+    Made outside inference mode: ``sink_attention`` keys its once-per-pack check on the version counter of
+    ``cu_seqlens``, which inference tensors do not have."""
+    with torch.inference_mode(False):
+        cpu = torch.tensor(values, dtype=dtype)
+        return cpu.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else cpu
 
 
 class CacheStep:
@@ -165,42 +177,59 @@ class CacheStep:
     ``fresh=True``: every sequence starts from an empty cache, so attention runs the varlen training kernel over
     the new tokens themselves (same kernel and math as the trainer) and the keys/values are only stored. Otherwise
     the new tokens append to what is cached and attention runs the paged decode kernel.
+
+    Everything the kernels read (slots, page tables, lengths) is built here on the host and checked once per step,
+    so the decode kernel is called with ``check_values=False`` and no layer waits for the GPU.
     """
 
     def __init__(self, cache: PagedKVCache, seqs: list[SequencePages], q_lens: list[int], fresh: bool) -> None:
         self.cache, self.fresh = cache, fresh
         device, page = cache.device, cache.page_size
-        full_slots, sliding_slots, seq_lens = [], [], []
+        has_full, has_sliding = not all(cache.sliding), cache.sliding_pool.num_pages > 0
+        full_slots, sliding_slots, keep, seq_lens = [], [], [], []
+        row = 0
         for seq, n in zip(seqs, q_lens, strict=True):
             start, end = seq.cached_len, seq.cached_len + n
             # Sliding layers: a fresh prefill attends over the new tokens directly, so only the keys a future query
             # can see (the last window - 1) are stored; an append reads its keys from the cache, so all are stored.
             first_stored = max(start, end - cache.window + 1) if fresh else start
             cache.grow(seq, end, first_stored)
-            for pos in range(start, end):
-                if seq.full:
-                    full_slots.append(seq.full[pos // page] * page + pos % page)
-                if cache.sliding_pool.num_pages:
-                    keep = pos >= first_stored
-                    sliding_slots.append(seq.sliding[pos // page] * page + pos % page if keep else -1)
+            if has_full:
+                full_slots.extend(seq.full[pos // page] * page + pos % page for pos in range(start, end))
+            if has_sliding:
+                sliding_slots.extend(seq.sliding[pos // page] * page + pos % page for pos in range(first_stored, end))
+                keep.extend(range(row + first_stored - start, row + n))
+            row += n
             seq_lens.append(end)
-        self.full_slots = torch.tensor(full_slots, dtype=torch.long, device=device)
-        sliding = torch.tensor(sliding_slots, dtype=torch.long, device=device)
-        self.sliding_keep = (sliding >= 0).nonzero().squeeze(1)
-        self.sliding_slots = sliding[self.sliding_keep]
         cu = [0]
         for n in q_lens:
             cu.append(cu[-1] + n)
-        self.cu_q_lens = torch.tensor(cu, dtype=torch.int32, device=device)
         self.max_q_len = max(q_lens)
-        self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
         width = max(1, max(cache.pages_for(n, page) for n in seq_lens))
-        self.full_table = self._table([s.full for s in seqs], width)
-        self.sliding_table = self._table([s.sliding for s in seqs], width)
+        full_rows = [self._row(s.full, width) for s in seqs]
+        sliding_rows = [self._row(s.sliding, width) for s in seqs]
+        self._check(full_rows, sliding_rows, full_slots, sliding_slots)
+        self.full_slots = to_device(full_slots, torch.long, device)
+        self.sliding_slots = to_device(sliding_slots, torch.long, device)
+        self.sliding_keep = None if len(keep) == row else to_device(keep, torch.long, device)  # None: every row
+        self.cu_q_lens = to_device(cu, torch.int32, device)
+        self.seq_lens = to_device(seq_lens, torch.int32, device)
+        self.full_table = to_device(full_rows, torch.int32, device)
+        self.sliding_table = to_device(sliding_rows, torch.int32, device)
 
-    def _table(self, pages: list[list[int]], width: int) -> torch.Tensor:
-        rows = [[max(p, 0) for p in ps] + [0] * (width - len(ps)) for ps in pages]
-        return torch.tensor(rows, dtype=torch.int32, device=self.cache.device)
+    @staticmethod
+    def _row(pages: list[int], width: int) -> list[int]:
+        return [max(p, 0) for p in pages] + [0] * (width - len(pages))
+
+    def _check(self, full_rows, sliding_rows, full_slots, sliding_slots) -> None:
+        """The per-step stand-in for the decode kernel's per-call value checks (host lists only: no GPU sync).
+        Lengths and page-table widths hold by construction; page ids must lie in their pools."""
+        page = self.cache.page_size
+        for name, rows, slots, pool in (("full", full_rows, full_slots, self.cache.full_pool),
+                                        ("sliding", sliding_rows, sliding_slots, self.cache.sliding_pool)):  # fmt: skip
+            top = max((max(r) for r in rows if r), default=0)
+            if (slots and not 0 <= min(slots) <= max(slots) < pool.num_pages * page) or top >= max(pool.num_pages, 1):
+                raise RuntimeError(f"rollout KV cache: {name} page ids out of range (a bug in the engine)")
 
     def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, window: int | None
@@ -209,8 +238,9 @@ class CacheStep:
         flat_k, flat_v = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
         sliding = self.cache.sliding[layer_idx]
         if sliding:
-            flat_k.index_copy_(0, self.sliding_slots, k[self.sliding_keep])
-            flat_v.index_copy_(0, self.sliding_slots, v[self.sliding_keep])
+            keep = self.sliding_keep
+            flat_k.index_copy_(0, self.sliding_slots, k if keep is None else k[keep])
+            flat_v.index_copy_(0, self.sliding_slots, v if keep is None else v[keep])
         else:
             flat_k.index_copy_(0, self.full_slots, k)
             flat_v.index_copy_(0, self.full_slots, v)
@@ -218,8 +248,9 @@ class CacheStep:
             return sink_attention(q, k, v, sinks, self.cu_q_lens, self.max_q_len, window=window)
         table = self.sliding_table if sliding else self.full_table
         return paged_decode_attention(
-            q, k_cache, v_cache, table, self.seq_lens, self.cu_q_lens, self.max_q_len, sinks, window=window
-        )
+            q, k_cache, v_cache, table, self.seq_lens, self.cu_q_lens, self.max_q_len, sinks, window=window,
+            check_values=False,
+        )  # fmt: skip
 
     def finish(self, seqs: list[SequencePages], q_lens: list[int]) -> None:
         for seq, n in zip(seqs, q_lens, strict=True):
