@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 QUERY_BLOCK = 256
+PADDED_SCORES_LIMIT = 2**24  # B * Hq * L * L scores: above this, one sequence at a time
 
 
 def check_sink_attention_inputs(
@@ -82,8 +83,12 @@ def sink_attention_ref(
     group = hq // hkv
     scale = d**-0.5 if softmax_scale is None else softmax_scale
     sink = sinks.float().view(hkv, group, 1, 1)
-    out = q.new_empty(t, hq, d)
     bounds = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+    longest = max(lengths, default=0)
+    if longest and len(lengths) * hq * longest * longest <= PADDED_SCORES_LIMIT:
+        return _padded_sink_attention(q, k, v, sink, bounds, longest, window, scale)
+    out = q.new_empty(t, hq, d)
     for start, end in zip(bounds, bounds[1:], strict=False):
         for q0 in range(start, end, QUERY_BLOCK):
             q1 = min(q0 + QUERY_BLOCK, end)
@@ -92,16 +97,53 @@ def sink_attention_ref(
             qb = q[q0:q1].float().transpose(0, 1).reshape(hkv, group, q1 - q0, d)
             kb = k[k0:q1].float().transpose(0, 1).unsqueeze(1)
             vb = v[k0:q1].float().transpose(0, 1).unsqueeze(1)
-            scores = (qb @ kb.transpose(-1, -2)) * scale
             qpos = torch.arange(q0, q1, device=q.device).view(-1, 1)
             kpos = torch.arange(k0, q1, device=q.device).view(1, -1)
-            visible = kpos <= qpos
-            if window is not None:
-                visible = visible & (kpos > qpos - window)
-            scores = scores.masked_fill(~visible, float("-inf"))
-            row_max = torch.maximum(scores.amax(dim=-1, keepdim=True), sink)
-            probs = torch.exp(scores - row_max)
-            denom = probs.sum(dim=-1, keepdim=True) + torch.exp(sink - row_max)
-            ob = (probs @ vb) / denom  # [Hkv, G, tq, D]
+            ob = attend_with_sink(qb, kb, vb, visible_keys(qpos, kpos, window), sink, scale)  # [Hkv, G, tq, D]
             out[q0:q1] = ob.reshape(hq, q1 - q0, d).transpose(0, 1).to(q.dtype)
     return out
+
+
+def visible_keys(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal (and sliding-window) visibility of key positions ``kpos`` from query positions ``qpos``."""
+    visible = kpos <= qpos
+    if window is not None:
+        visible = visible & (kpos > qpos - window)
+    return visible
+
+
+def attend_with_sink(
+    qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, visible: torch.Tensor, sink: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax over [visible keys, sink] of scale * q.k, applied to v (the sink column has no value), fp32.
+    Rows that see no key give 0 (the sink takes all the mass), never NaN."""
+    scores = (qb @ kb.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible, float("-inf"))
+    row_max = torch.maximum(scores.amax(dim=-1, keepdim=True), sink)
+    probs = torch.exp(scores - row_max)
+    denom = probs.sum(dim=-1, keepdim=True) + torch.exp(sink - row_max)
+    return (probs @ vb) / denom
+
+
+def _padded_sink_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor, bounds: list[int], longest: int,
+    window: int | None, scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """Many short sequences at once: gather them into a padded [B, L] batch and attend with one set of batched ops
+    (the per-sequence loop costs a few dozen small ops per sequence, which dominates on CPU)."""
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    device = q.device
+    starts = torch.tensor(bounds[:-1], device=device)
+    lengths = torch.tensor(bounds[1:], device=device) - starts
+    offsets = torch.arange(longest, device=device)
+    valid = offsets.unsqueeze(0) < lengths.unsqueeze(1)  # [B, L]
+    index = (starts.unsqueeze(1) + offsets).clamp(max=max(t - 1, 0))
+    b = len(bounds) - 1
+    qb = q.float()[index].view(b, longest, hkv, hq // hkv, d).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, L, D]
+    kb = k.float()[index].permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, L, D]
+    vb = v.float()[index].permute(0, 2, 1, 3).unsqueeze(2)
+    visible = visible_keys(offsets.view(-1, 1), offsets.view(1, -1), window) & valid.view(b, 1, 1, 1, longest)
+    ob = attend_with_sink(qb, kb, vb, visible, sink, scale)  # [B, Hkv, G, L, D]
+    ob = ob.permute(0, 3, 1, 2, 4).reshape(b * longest, hq, d)
+    return ob[valid.reshape(-1)].to(q.dtype)

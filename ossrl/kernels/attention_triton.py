@@ -375,7 +375,9 @@ def _check_once(q, k, v, sinks, cu_seqlens, max_seqlen, window) -> None:
     the same cu_seqlens tensor. A repeat is recognized by object identity and its version counter (bumped by any
     in-place change), together with every other argument's shape, dtype and device."""
     args = (q, k, v, sinks, cu_seqlens)
-    key = (cu_seqlens._version, max_seqlen, window, *((x.shape, x.dtype, x.device) for x in args))
+    # Inference-mode tensors have no version counter (and cannot be changed in place outside inference mode).
+    version = None if cu_seqlens.is_inference() else cu_seqlens._version
+    key = (version, max_seqlen, window, *((x.shape, x.dtype, x.device) for x in args))
     ref = _last_checked[0]
     if ref is not None and ref() is cu_seqlens and _last_checked[1] == key:
         return

@@ -58,7 +58,8 @@ class Trainer:
         self.engine = Engine(self.model, self.tokenizer, max_num_seqs=config.rollout.max_num_seqs,
                              kv_cache_tokens=config.rollout.kv_cache_tokens)  # fmt: skip
         self.rows = self.task.rows("train")
-        self.order = list(range(len(self.rows)))
+        self.order: list[int] = []
+        self._order_epoch = -1
         self.position = 0  # prompts consumed so far (the data position a resume restores)
         self.step = 0
 
@@ -79,9 +80,10 @@ class Trainer:
         out = []
         for _ in range(count):
             epoch, index = divmod(self.position, len(self.rows))
-            if index == 0:
+            if epoch != self._order_epoch:
                 self.order = list(range(len(self.rows)))
                 random.Random(self.config.seed * 7919 + epoch).shuffle(self.order)
+                self._order_epoch = epoch
             out.append(self.rows[self.order[index]])
             self.position += 1
         return out
