@@ -1,0 +1,91 @@
+"""One GRPO step at gpt-oss-20b shapes (random bf16 weights, LoRA r=16): rollout and train time, peak memory.
+
+    python -m benchmarks.grpo_step                          # 4 prompts x 4 generations, 512 new tokens
+    python -m benchmarks.grpo_step --layers 4 --new-tokens 64
+
+The step is the trainer's: engine rollout (stop tokens off, so every sample runs to the limit), rewards stand-in
+(random, since random weights solve no task), GRPO advantages, one packed forward/backward with chunked log-probs
+and gradient checkpointing, AdamW on the adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.common import environment, peak_memory_gib, reset_peak, save_results, sync
+from ossrl import rl
+from ossrl.model import GptOss, GptOssConfig
+from ossrl.model.lora import LoraConfig, apply_lora, lora_parameters
+from ossrl.rollout import Engine, Request, SamplingParams
+from ossrl.train.batching import Episode, episode_logprobs, padded
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--generations", type=int, default=4)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=512)
+    parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj")
+    parser.add_argument("--out", default="bench_results")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = GptOssConfig() if args.layers is None else GptOssConfig(num_hidden_layers=args.layers)
+    settings = {**vars(args), "device": device, "layers": config.num_hidden_layers}
+    results: dict = {"env": environment(), "settings": settings}
+    print(results)
+
+    model = GptOss.from_config(config, device=device, dtype=torch.bfloat16).eval()
+    apply_lora(model, LoraConfig(r=16, alpha=32, targets=tuple(args.lora_targets.split(","))))
+    model.gradient_checkpointing = True
+    params = lora_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=5e-5)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, config.vocab_size, (args.prompt_tokens,), generator=gen).tolist()
+               for _ in range(args.prompts)]  # fmt: skip
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, stop_token_ids=[], seed=0)
+    engine = Engine(model)
+
+    reset_peak()
+    sync()
+    start = time.perf_counter()
+    groups = engine.generate([Request(p, n=args.generations) for p in prompts], sampling)
+    sync()
+    rollout_s = time.perf_counter() - start
+    rollout_peak = peak_memory_gib()
+
+    reset_peak()
+    start = time.perf_counter()
+    episodes = [
+        Episode(p, c.token_ids, c.loss_mask, c.logprobs) for p, g in zip(prompts, groups, strict=True) for c in g
+    ]
+    rewards = torch.rand(len(episodes), generator=gen)
+    adv = rl.compute_advantages("grpo", rewards, torch.arange(len(episodes)) // args.generations).to(device)
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    lp, _ = episode_logprobs(model, episodes, temperature=1.0)
+    mask = padded([e.loss_mask for e in episodes], lp.shape[1], torch.float32, device)
+    sampler = padded([e.sampler_logprobs for e in episodes], lp.shape[1], torch.float32, device)
+    loss, _ = rl.ppo_clip_loss(lp, lp.detach(), adv, mask)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    sync()
+    train_s = time.perf_counter() - start
+    mismatch = {k: float(v) for k, v in rl.mismatch_metrics(lp.detach(), sampler, mask).items()}
+    sampled = sum(sum(e.loss_mask) for e in episodes)
+    results["step"] = {
+        "rollout_seconds": rollout_s, "train_seconds": train_s, "rollout_peak_gib": rollout_peak,
+        "train_peak_gib": peak_memory_gib(), "sampled_tokens": sampled, "rollout_tokens_per_s": sampled / rollout_s,
+        "train_tokens": sum(len(e.prompt) + len(e.completion) for e in episodes), "mismatch": mismatch,
+    }  # fmt: skip
+    print(results["step"])
+    save_results("grpo_step", results, args.out)
+
+
+if __name__ == "__main__":
+    main()
