@@ -17,6 +17,8 @@ import contextvars
 
 import torch
 
+from ossrl.kernels.attention_ref import attend_with_sink, visible_keys
+
 DEFAULT_KV_CHUNK = 256
 
 # Set while a caller that checked its own values (``check_values=False``) is inside ``paged_decode_attention``.
@@ -120,17 +122,10 @@ def paged_decode_attention_ref(
         kb = k_cache[pages].reshape(-1, hkv, d)[:length].float().transpose(0, 1).unsqueeze(1)  # [Hkv, 1, L, D]
         vb = v_cache[pages].reshape(-1, hkv, d)[:length].float().transpose(0, 1).unsqueeze(1)
         qb = q[q0:q1].float().transpose(0, 1).reshape(hkv, group, q1 - q0, d)
-        scores = (qb @ kb.transpose(-1, -2)) * scale
         qpos = torch.arange(length - (q1 - q0), length, device=q.device).view(-1, 1)
         kpos = torch.arange(length, device=q.device).view(1, -1)
-        visible = kpos <= qpos
-        if window is not None:
-            visible = visible & (kpos > qpos - window)
-        scores = scores.masked_fill(~visible, float("-inf"))
-        row_max = torch.maximum(scores.amax(dim=-1, keepdim=True), sink)
-        probs = torch.exp(scores - row_max)
-        denom = probs.sum(dim=-1, keepdim=True) + torch.exp(sink - row_max)
-        out[q0:q1] = ((probs @ vb) / denom).reshape(hq, q1 - q0, d).transpose(0, 1).to(q.dtype)
+        ob = attend_with_sink(qb, kb, vb, visible_keys(qpos, kpos, window), sink, scale)  # same math as training
+        out[q0:q1] = ob.reshape(hq, q1 - q0, d).transpose(0, 1).to(q.dtype)
     return out
 
 
