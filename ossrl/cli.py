@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--task", required=True, help="task name (ossrl.tasks.list_tasks())")
     ev.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="task option, e.g. path=../shared/data/gsm8k/train.jsonl (repeatable)")  # fmt: skip
+    ev.add_argument("--adapter", default=None, help="a LoRA adapter directory in PEFT's format (e.g. a checkpoint's)")
     ev.add_argument("--split", default="eval")
     ev.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
     ev.add_argument("--max-new-tokens", type=int, default=512)
@@ -110,6 +111,10 @@ def run_eval(args: argparse.Namespace) -> int:
     directory = resolve_checkpoint_dir(args.model)
     tokenizer = load_harmony_tokenizer(directory)
     model = GptOss.from_pretrained(directory, dtype=getattr(torch, args.dtype), device=device).eval()
+    if args.adapter:
+        from ossrl.model.lora import load_peft_adapter
+
+        load_peft_adapter(model, args.adapter)
     sampling = SamplingParams(
         temperature=args.temperature, max_new_tokens=args.max_new_tokens, max_turns=args.max_turns
     )

@@ -41,3 +41,20 @@ def test_eval_with_a_tool_task(tiny_dir, tmp_path):
 def test_eval_bad_task_is_a_clear_error(tiny_dir, capsys):
     assert main(["eval", "--model", str(tiny_dir), "--task", "gsm9k"]) == 2
     assert "gsm8k" in capsys.readouterr().err  # the error names the closest task
+
+
+def test_eval_with_a_lora_adapter(tiny_dir, tmp_path):
+    import torch
+
+    from ossrl.model import GptOss
+    from ossrl.model.lora import LoraConfig, apply_lora, save_peft_adapter
+
+    model = GptOss.from_pretrained(tiny_dir, dtype=torch.float32)
+    apply_lora(model, LoraConfig(r=4))
+    save_peft_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--model", str(tiny_dir), "--adapter", str(tmp_path / "adapter"), "--task", "arithmetic",
+            "--limit", "2", "--max-new-tokens", "8", "--dtype", "float32", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads(out.read_text())["rows"] == 2
+    assert main([*argv[:3], "--adapter", str(tmp_path / "nowhere"), *argv[5:]]) == 2
