@@ -56,19 +56,13 @@ def parse_options(pairs: list[str]) -> dict[str, object]:
 
 
 def run_train(items: list[str]) -> int:
-    import yaml
-
     from ossrl.config import ConfigError, load_config
     from ossrl.recipes import TINY_CPU
 
     path = items[0] if items and "=" not in items[0] else None
     overrides = [i if i.split("=", 1)[0] != "resume" else "checkpoint." + i for i in items[1 if path else 0 :]]
     try:
-        if path is None:  # the embedded default recipe, written out as overrides so the same checks apply
-            base = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in _flatten(TINY_CPU)]
-            config = load_config(None, base + overrides)
-        else:
-            config = load_config(path, overrides)
+        config = load_config(path, overrides, base=None if path else TINY_CPU)  # no recipe: the embedded default
     except ConfigError as err:
         print(f"ossrl train: {err}", file=sys.stderr)
         return 2
@@ -81,17 +75,6 @@ def run_train(items: list[str]) -> int:
           f"{result['wall_time_s']:.0f} s")  # fmt: skip
     print(f"report: {result['report']}\nsummary: {result['summary']}\nadapter: {result['adapter']}")
     return 0
-
-
-def _flatten(data: dict, prefix: str = "") -> list[tuple[str, object]]:
-    out: list[tuple[str, object]] = []
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value and key != "options":
-            out.extend(_flatten(value, name + "."))
-        else:
-            out.append((name, value))
-    return out
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ allowed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -224,9 +225,12 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """A TrainConfig from a YAML recipe (optional) plus ``section.field=value`` overrides (YAML values)."""
-    data: dict[str, Any] = {}
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, base: dict[str, Any] | None = None
+) -> TrainConfig:
+    """A TrainConfig from a YAML recipe, or a ``base`` dict of the same shape (both optional), plus
+    ``section.field=value`` overrides (YAML values)."""
+    data: dict[str, Any] = copy.deepcopy(base) if base is not None else {}
     if path is not None:
         path = Path(path)
         if not path.is_file():

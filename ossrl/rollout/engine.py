@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ossrl.model.gpt_oss import GptOss, PackedBatch
-from ossrl.rollout.kv_cache import CacheStep, PagedKVCache, SequencePages, to_device
+from ossrl.rollout.kv_cache import CacheStep, PagedKVCache, SequencePages, sliding_pages_per_sequence, to_device
 from ossrl.rollout.sampling import SamplingParams, sample_tokens
 from ossrl.rollout.tools import ToolRunner, Tools
 
@@ -182,11 +182,10 @@ class Engine:
             else:
                 tokens = 65536
         full_pages = max(1, tokens // self.page_size)
-        probe = PagedKVCache.__new__(PagedKVCache)  # size the sliding pool from the same formula the cache uses
-        probe.window, probe.page_size, probe.sliding = config.sliding_window, self.page_size, [True]
-        sliding_pages = max(self.max_num_seqs, max_group) * probe.sliding_pages_needed(max_chunk)
-        if "sliding_attention" not in config.layer_types:
-            sliding_pages = 0
+        sliding_pages = 0
+        if "sliding_attention" in config.layer_types:
+            per_seq = sliding_pages_per_sequence(config.sliding_window, self.page_size, max_chunk)
+            sliding_pages = max(self.max_num_seqs, max_group) * per_seq
         return PagedKVCache(
             config, full_pages=full_pages, sliding_pages=sliding_pages, page_size=self.page_size, device=device,
             dtype=dtype,

@@ -19,6 +19,11 @@ from ossrl.kernels.decode_ref import paged_decode_attention
 from ossrl.model.config import GptOssConfig
 
 
+def sliding_pages_per_sequence(window: int, page_size: int, max_chunk: int) -> int:
+    """Live sliding-window pages of one sequence: the window plus the largest chunk written in one step."""
+    return -(-(window + max_chunk) // page_size) + 1
+
+
 class PagePool:
     """Free list of physical pages plus reservations, so an admitted sequence can never run out mid-way."""
 
@@ -87,10 +92,7 @@ class PagedKVCache:
         return -(-tokens // page_size)
 
     def sliding_pages_needed(self, max_chunk: int) -> int:
-        """Live sliding pages of one sequence: the window plus the largest chunk written in one step."""
-        if not any(self.sliding):
-            return 0
-        return self.pages_for(self.window + max_chunk, self.page_size) + 1
+        return sliding_pages_per_sequence(self.window, self.page_size, max_chunk) if any(self.sliding) else 0
 
     # ---- lifetime ----------------------------------------------------------------------------------------------
     def admit(self, max_len: int, max_chunk: int) -> SequencePages | None:

@@ -100,8 +100,9 @@ class Trainer:
         )  # fmt: skip
 
     # ---- one step ----------------------------------------------------------------------------------------------
-    def rollout(self) -> tuple[list[dict], list[Completion], dict[str, float]]:
-        """Prompts x n samples, scored; with dynamic sampling, groups with all-equal rewards are replaced."""
+    def rollout(self) -> tuple[list[dict], list[Completion], list[float], dict[str, list], dict[str, float]]:
+        """Prompts x n samples, scored: (rows, completions, total rewards, each reward's values, metrics). With
+        dynamic sampling, groups whose rewards are all equal are replaced by fresh prompts."""
         r, algo = self.config.rollout, self.config.algorithm
         rows, completions, rewards, values = [], [], [], {}
         sampled = attempts = 0
@@ -134,14 +135,13 @@ class Trainer:
         seconds = time.perf_counter() - start
         metrics = {"rollout_tokens_per_s": sampled / max(seconds, 1e-9), "rollout_seconds": seconds,
                    "groups_kept": len(rows) // r.n}  # fmt: skip
-        self._rewards, self._reward_values = rewards, values
-        return rows, completions, metrics
+        return rows, completions, rewards, values, metrics
 
     def train_step(self) -> dict[str, float]:
         cfg, algo = self.config, self.config.algorithm
-        rows, completions, metrics = self.rollout()
-        rewards = torch.tensor(self._rewards, dtype=torch.float32)
-        metrics.update(self._reward_metrics(rewards, completions))
+        rows, completions, reward_list, reward_values, metrics = self.rollout()
+        rewards = torch.tensor(reward_list, dtype=torch.float32)
+        metrics.update(self._reward_metrics(rewards, reward_values, completions))
         if not completions:
             return {**metrics, "skipped": 1.0}
         group_ids = torch.arange(len(completions)) // cfg.rollout.n
@@ -247,11 +247,13 @@ class Trainer:
             out[f"mismatch/{key}"] = float(value) * share if key != "max_abs_diff" else float(value)
         return out
 
-    def _reward_metrics(self, rewards: torch.Tensor, completions: list[Completion]) -> dict[str, float]:
+    def _reward_metrics(
+        self, rewards: torch.Tensor, values: dict[str, list], completions: list[Completion]
+    ) -> dict[str, float]:
         if not completions:
             return {"reward/mean": 0.0}
         out = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0}
-        for name, vals in self._reward_values.items():
+        for name, vals in values.items():
             applied = [v for v in vals if v is not None]
             if applied:
                 out[f"reward/{name}"] = sum(applied) / len(applied)
