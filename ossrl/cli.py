@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Any
 
 from ossrl import __version__
 
@@ -23,20 +25,51 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a YAML recipe (optional), then overrides: optim.lr=1e-5 resume=true")  # fmt: skip
 
     ev = sub.add_parser("eval", help="accuracy of a model on a task's held-out split")
-    ev.add_argument("--model", required=True, help="HF-format checkpoint directory or Hub id (with its tokenizer)")
+    add_model_arguments(ev)
     ev.add_argument("--task", required=True, help="task name (ossrl.tasks.list_tasks())")
     ev.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="task option, e.g. path=../shared/data/gsm8k/train.jsonl (repeatable)")  # fmt: skip
-    ev.add_argument("--adapter", default=None, help="a LoRA adapter directory in PEFT's format (e.g. a checkpoint's)")
     ev.add_argument("--split", default="eval")
     ev.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
     ev.add_argument("--max-new-tokens", type=int, default=512)
     ev.add_argument("--temperature", type=float, default=0.0)
     ev.add_argument("--max-turns", type=int, default=4, help="assistant turns when the task has tools")
-    ev.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ev.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ev.add_argument("--out", default=None, help="also write the result as JSON here")
+
+    ch = sub.add_parser("chat", help="talk to a model in Harmony (lines from stdin; /reset, /exit)",
+                        description="Chat with a model in the Harmony format, the rollout engine generating. Each "
+                        "line read is a user turn; the whole conversation is the next prompt. /reset clears it, "
+                        "/exit or end of input quits. Analysis and tool traffic are shown prefixed.")  # fmt: skip
+    add_model_arguments(ch)
+    ch.add_argument("--task", default=None, help="give the model a task's tools and instructions (e.g. arithmetic)")
+    ch.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="task option, e.g. tools=[] (repeatable; needs --task)")  # fmt: skip
+    ch.add_argument("--temperature", type=float, default=1.0)
+    ch.add_argument("--max-new-tokens", type=int, default=1024, help="sampled tokens per reply, tool turns included")
+    ch.add_argument("--max-turns", type=int, default=4, help="assistant turns per reply when there are tools")
+    ch.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default=None,
+                    help="default: the task's (low), else medium")  # fmt: skip
+    ch.add_argument("--instructions", default=None, help="developer instructions (default: the task's)")
+    ch.add_argument("--system", action=argparse.BooleanOptionalAction, default=None,
+                    help="Harmony's generated system message (default: on, or as the task says)")  # fmt: skip
+    ch.add_argument("--seed", type=int, default=0)
+
+    be = sub.add_parser("bench", help="run a benchmark from the checkout's benchmarks/ (GPU for real numbers)",
+                        description="Run a benchmark script from benchmarks/ in the ossrl checkout, as "
+                        "`python -m benchmarks.NAME ARGS...`; the arguments after NAME go to the script (NAME --help "
+                        "lists them). They measure gpt-oss-20b shapes and need a CUDA GPU for meaningful numbers; "
+                        "results are saved as JSON under bench_results/.")  # fmt: skip
+    be.add_argument("--list", action="store_true", help="list the benchmarks (also: no NAME)")
+    be.add_argument("name", nargs="?", help="benchmark name, e.g. rollout")
+    be.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark script")
     return parser
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF-format checkpoint directory or Hub id (with its tokenizer)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter directory in PEFT's format (e.g. a checkpoint's)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
 
 
 def parse_options(pairs: list[str]) -> dict[str, object]:
@@ -77,19 +110,14 @@ def run_train(items: list[str]) -> int:
     return 0
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    import json
-
+def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model of ``--model`` (+ ``--adapter``) in eval mode on ``--device``, and its Harmony tokenizer."""
     import torch
 
     from ossrl.harmony import load_harmony_tokenizer
     from ossrl.model import GptOss
     from ossrl.model.checkpoint import resolve_checkpoint_dir
-    from ossrl.rollout import SamplingParams
-    from ossrl.tasks import get_task
-    from ossrl.train.evaluate import evaluate
 
-    task = get_task(args.task, **parse_options(args.option))  # bad names fail here, before the model loads
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     directory = resolve_checkpoint_dir(args.model)
     tokenizer = load_harmony_tokenizer(directory)
@@ -98,6 +126,18 @@ def run_eval(args: argparse.Namespace) -> int:
         from ossrl.model.lora import load_peft_adapter
 
         load_peft_adapter(model, args.adapter)
+    return model, tokenizer
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from ossrl.rollout import SamplingParams
+    from ossrl.tasks import get_task
+    from ossrl.train.evaluate import evaluate
+
+    task = get_task(args.task, **parse_options(args.option))  # bad names fail here, before the model loads
+    model, tokenizer = load_model(args)
     sampling = SamplingParams(
         temperature=args.temperature, max_new_tokens=args.max_new_tokens, max_turns=args.max_turns
     )
@@ -107,6 +147,88 @@ def run_eval(args: argparse.Namespace) -> int:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
     return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from ossrl.chat import ChatSession, describe, run_chat, stdin_lines, task_prompt, use_color
+    from ossrl.rollout import SamplingParams
+    from ossrl.tasks import get_task
+    from ossrl.tasks.base import Prompt
+
+    options = parse_options(args.option)
+    if args.task:  # bad task names and options fail here, before the model loads
+        flags = {"reasoning_effort": args.reasoning_effort, "instructions": args.instructions,
+                 "system_message": args.system}  # fmt: skip
+        task = get_task(args.task, **{k: v for k, v in flags.items() if v is not None}, **options)
+        prompt, tools = task_prompt(task), task.tool_functions
+    elif options:
+        raise ValueError("--option sets task options; it needs --task")
+    else:
+        prompt = Prompt([], instructions=args.instructions, reasoning_effort=args.reasoning_effort or "medium",
+                        system=args.system is not False)  # fmt: skip
+        tools = {}
+    model, tokenizer = load_model(args)
+    sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                              max_turns=args.max_turns if tools else 1, seed=args.seed)  # fmt: skip
+    session = ChatSession(model, tokenizer, prompt=prompt, tools=tools, sampling=sampling)
+    print(describe(session), file=sys.stderr)
+    run_chat(session, stdin_lines(), lambda line: print(line, flush=True), color=use_color())
+    return 0
+
+
+def benchmark_root() -> Path | None:
+    """The checkout holding ``benchmarks/`` (next to the ``ossrl`` package in an editable install, else the current
+    directory); None when ossrl was installed without its repository."""
+    import ossrl
+
+    for root in (Path(ossrl.__file__).resolve().parents[1], Path.cwd()):
+        if (root / "benchmarks" / "common.py").is_file() and (root / "pyproject.toml").is_file():
+            return root
+    return None
+
+
+def list_benchmarks(root: Path) -> dict[str, str]:
+    """Benchmark name -> the first sentence of its docstring (read, not imported: they import GPU code)."""
+    import ast
+
+    found: dict[str, str] = {}
+    for path in sorted((root / "benchmarks").glob("*.py")):
+        if path.stem.startswith("_") or path.stem == "common":
+            continue
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        summary = " ".join(doc.split("\n\n")[0].split()).split(": ")[0]
+        found[path.stem] = summary if len(summary) <= 100 else summary[:97].rsplit(" ", 1)[0] + " ..."
+    return found
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    root = benchmark_root()
+    if root is None:
+        print("ossrl bench: no benchmarks/ directory found; the benchmarks live in the ossrl repository, not in the "
+              "installed package: run this from a checkout (pip install -e .)", file=sys.stderr)  # fmt: skip
+        return 2
+    available = list_benchmarks(root)
+    if args.list or not args.name:
+        print(f"benchmarks in {root / 'benchmarks'} (a CUDA GPU gives meaningful numbers):")
+        for name, summary in available.items():
+            print(f"  {name:<14} {summary}")
+        print("run one: ossrl bench NAME [ARGS...]; ossrl bench NAME --help lists its arguments")
+        return 0
+    if args.name not in available:
+        import difflib
+
+        hint = difflib.get_close_matches(args.name, available, n=1)
+        print(f"ossrl bench: no benchmark {args.name!r}; available: {', '.join(available)}"
+              + (f" (did you mean {hint[0]!r}?)" if hint else ""), file=sys.stderr)  # fmt: skip
+        return 2
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    try:
+        return subprocess.run([sys.executable, "-m", f"benchmarks.{args.name}", *args.args], env=env).returncode
+    except KeyboardInterrupt:
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +251,14 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as err:
             print(f"ossrl eval: {err}", file=sys.stderr)
             return 2
+    if args.command == "chat":
+        try:
+            return run_chat(args)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"ossrl chat: {err}", file=sys.stderr)
+            return 2
+    if args.command == "bench":
+        return run_bench(args)
     parser.error(f"unknown command {args.command!r}")
     return 2
 
