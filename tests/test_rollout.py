@@ -26,8 +26,9 @@ def tiny(tmp_path_factory):
 
 
 def prompts(n, lengths=(5, 23, 11, 40, 2, 17)):
+    """Random prompts of token ids below the tiny tokenizer's vocabulary (~1260 tokens)."""
     gen = torch.Generator().manual_seed(n)
-    return [torch.randint(10, 1500, (lengths[i % len(lengths)],), generator=gen).tolist() for i in range(n)]
+    return [torch.randint(10, 1200, (lengths[i % len(lengths)],), generator=gen).tolist() for i in range(n)]
 
 
 def test_greedy_equals_naive_full_forward_loop(tiny):
@@ -164,6 +165,7 @@ def test_tool_loop_runs_several_turns_with_the_right_loss_mask(tiny):
 
 def test_tool_timeout_and_max_turns(tiny):
     model, tokenizer = tiny
+
     async def sleepy():
         await asyncio.sleep(30)
 

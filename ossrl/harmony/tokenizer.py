@@ -20,7 +20,7 @@ REQUIRED_TOKENS: tuple[str, ...] = (
 )  # fmt: skip
 # Tiny tokenizer: these are ids 0..8, in this order.
 TINY_SPECIAL_TOKENS: tuple[str, ...] = ("<|startoftext|>", "<|endoftext|>", *REQUIRED_TOKENS)
-TINY_VOCAB_SIZE = 1536
+TINY_VOCAB_SIZE = 1536  # at most: digits are never merged, so training stops short (~1260 tokens)
 REASONING = ("low", "medium", "high")
 
 
@@ -102,7 +102,9 @@ _WORDS = (
     "think ask answer question number sum total result value step check weather location city today tool user "
     "model problem solve compute write code function return list string file read data test true false error "
     "reason plan first second third next finally therefore so let we need to use output input message final "
-    "Alice Bob Tokyo Paris London apples books cars dollars hours minutes days price cost each per percent half"
+    "Alice Bob Tokyo Paris London apples books cars dollars hours minutes days price cost each per percent half "
+    "calculator arithmetic expression expressions evaluate Evaluate numbers parentheses Returns Reply Use e.g. "
+    "string object type description properties required"
 ).split()
 _HEADER_WORDS = (
     "system developer user assistant analysis commentary final functions json code python browser to=assistant "
@@ -172,7 +174,14 @@ def build_tiny_tokenizer(save_dir: str | Path | None = None, *, vocab_size: int 
     from ossrl.harmony.chat_template import CHAT_TEMPLATE
 
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # Digits one token each, as the same token wherever a number appears (" 16", "16\"" ...): copying a number from
+    # a question into a tool call is then token-for-token, which a tiny model learns quickly.
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -1,7 +1,8 @@
 """Kernels behind the model's two hot functions: attention with sinks, and the MoE expert computation.
 
 Each kernel has a plain-torch reference with the same signature; the reference runs wherever the kernel cannot
-(CPU, unsupported dtype or head size) and is what tests compare against. A fallback is logged once, loudly.
+(CPU, unsupported dtype or head size) and is what tests compare against. A fallback is logged once, loudly. On CPU,
+training attention goes through PyTorch's fused CPU flash kernels where they apply (``attention_cpu``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 
 import torch
 
+from ossrl.kernels import attention_cpu
 from ossrl.kernels.attention_ref import check_sink_attention_inputs, sink_attention_ref
 from ossrl.kernels.decode_ref import check_paged_decode_inputs, paged_decode_attention, paged_decode_attention_ref
 
@@ -51,6 +53,10 @@ def sink_attention(
                 f"sink_attention: no Triton kernel for {q.dtype}, head dim {q.shape[-1]}; using the plain-torch "
                 "reference (slow on GPU)",
             )
+    elif q.device.type == "cpu":
+        check_sink_attention_inputs(q, k, v, sinks, cu_seqlens, max_seqlen, window)
+        if attention_cpu.fits(q, cu_seqlens.tolist(), window):
+            return attention_cpu.sink_attention_cpu(q, k, v, sinks, cu_seqlens, max_seqlen, window, softmax_scale)
     return sink_attention_ref(q, k, v, sinks, cu_seqlens, max_seqlen, window, softmax_scale)
 
 

@@ -10,6 +10,9 @@ import torch
 from ossrl.model.config import GptOssConfig
 from ossrl.model.gpt_oss import GptOss
 
+# Bump when the tiny tokenizer or tiny_config changes: caches of tiny checkpoints are keyed by it.
+TINY_VERSION = 2
+
 
 def tiny_config(vocab_size: int, **overrides: Any) -> GptOssConfig:
     """4 layers (sliding, full, sliding, full), hidden 128, 8 experts top-2, YaRN on: every GPT-OSS feature at a size

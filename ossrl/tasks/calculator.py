@@ -33,12 +33,10 @@ _UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {ast.UAdd: operator.pos,
 
 CALCULATOR_TOOL = Tool(
     "calculator",
-    "Evaluate an arithmetic expression: numbers, + - * / // % ** and parentheses. Returns the value.",
-    {
-        "type": "object",
-        "properties": {"expression": {"type": "string", "description": "e.g. 4821 * 37"}},
-        "required": ["expression"],
-    },  # fmt: skip
+    # Short on purpose: the tiny demo model reads this in every prompt, and an example number here is one more
+    # number it could copy by mistake.
+    "Evaluates an arithmetic expression: + - * / // % ** and parentheses.",
+    {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
 )
 
 

@@ -16,10 +16,12 @@ from ossrl.config import TrainConfig
 from ossrl.harmony import load_harmony_tokenizer
 from ossrl.model import GptOss
 from ossrl.model.checkpoint import resolve_checkpoint_dir
-from ossrl.model.tiny import write_tiny_checkpoint
+from ossrl.model.tiny import TINY_VERSION, write_tiny_checkpoint
 from ossrl.train.batching import Episode, episode_logprobs, pack_micro_batches
 
 log = logging.getLogger(__name__)
+# Bump when supervised_warm_start changes how it trains: cached warm starts are keyed by it.
+WARM_START_VERSION = 2
 
 
 def _key(data: dict[str, Any]) -> str:
@@ -30,7 +32,7 @@ def base_checkpoint(config: TrainConfig) -> Path:
     """The checkpoint directory the run starts from; "tiny" writes (once) a seeded tiny model into the cache."""
     if config.model.path != "tiny":
         return resolve_checkpoint_dir(config.model.path)
-    cache = Path(config.warmup.cache_dir).expanduser() / f"tiny-{_key({'seed': config.seed})}"
+    cache = Path(config.warmup.cache_dir).expanduser() / f"tiny-{_key({'seed': config.seed, 'version': TINY_VERSION})}"
     if not (cache / "config.json").exists():
         write_tiny_checkpoint(cache, seed=config.seed)
     return cache
@@ -85,8 +87,9 @@ def load_starting_point(config: TrainConfig, task: Any, device: torch.device, dt
         return GptOss.from_pretrained(base, dtype=dtype, device=device), tokenizer, info
     if not hasattr(task, "demonstrations"):
         raise ValueError(f"warmup.steps > 0 but task {task.name!r} has no demonstrations; set warmup.steps=0")
-    key = _key({"base": str(base), "warmup": vars(config.warmup), "task": config.task.name,
-                "options": config.task.options, "seed": config.seed, "dtype": str(dtype)})  # fmt: skip
+    key = _key({"version": WARM_START_VERSION, "base": str(base), "warmup": vars(config.warmup),
+                "task": config.task.name, "options": config.task.options, "seed": config.seed,
+                "dtype": str(dtype)})  # fmt: skip
     cached = Path(config.warmup.cache_dir).expanduser() / f"warm-{key}"
     info["warm_start"] = str(cached)
     if (cached / "config.json").exists():
