@@ -100,6 +100,9 @@ class WarmupSettings:
     steps: int = 0
     examples: int = 2000
     tool_fraction: float = 0.5
+    # The first tool_first_steps of the steps see only tool-using demonstrations (the tool's call format, and copying
+    # numbers into it and out of its result); the rest mix in direct answers at tool_fraction.
+    tool_first_steps: int = 0
     lr: float = 3e-3
     batch_size: int = 32
     cache_dir: str = "~/.cache/ossrl/warm_start"
@@ -266,6 +269,10 @@ def validate(config: TrainConfig) -> None:
     check(config.optim.micro_batch_tokens >= 1, "optim.micro_batch_tokens", "must be >= 1")
     check(config.algorithm.updates_per_batch >= 1, "algorithm.updates_per_batch", "must be >= 1")
     check(config.lora.r >= 1, "lora.r", "must be >= 1")
+    warm = config.warmup
+    check(0.0 <= warm.tool_fraction <= 1.0, "warmup.tool_fraction", "must be in [0, 1]")
+    check(0 <= warm.tool_first_steps <= max(warm.steps, 0), "warmup.tool_first_steps",
+          f"must be in [0, warmup.steps={warm.steps}]")  # fmt: skip
     check(not (config.algorithm.kl_coef > 0 and not config.lora.enabled), "algorithm.kl_coef",
           "KL to the reference needs LoRA (the reference is the model with adapters off)")  # fmt: skip
     check(0.0 <= config.warmup.tool_fraction <= 1.0, "warmup.tool_fraction", "must be in [0, 1]")

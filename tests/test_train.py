@@ -110,3 +110,35 @@ def test_embedded_tiny_recipe_matches_configs_tiny_cpu_yaml():
 
     text = (Path(__file__).parents[1] / "configs" / "tiny_cpu.yaml").read_text()
     assert yaml.safe_load(text) == TINY_CPU
+
+
+def test_warm_start_trains_in_two_phases_and_is_cached(tmp_path, monkeypatch):
+    from ossrl.tasks import get_task
+    from ossrl.train import warm_start
+
+    overrides = ["warmup.steps=4", "warmup.tool_first_steps=2", "warmup.examples=8", "warmup.batch_size=2",
+                 "warmup.tool_fraction=0.0", f"warmup.cache_dir={tmp_path}", "task.options={system_message: false}",
+                 "model.dtype=float32"]  # fmt: skip
+    config = load_config(None, overrides)
+    task = get_task("arithmetic", system_message=False)
+    seen = []  # per step: whether the batch's demonstrations call the tool
+    original = warm_start.episode_logprobs
+
+    def spy(model, episodes, temperature):
+        seen.append({len(e.loss_mask) != sum(e.loss_mask) for e in episodes})  # a tool result is unmasked
+        return original(model, episodes, temperature)
+
+    monkeypatch.setattr(warm_start, "episode_logprobs", spy)
+    model, _, info = warm_start.load_starting_point(config, task, torch.device("cpu"), torch.float32)
+    assert seen == [{True}, {True}, {False}, {False}]  # tool-only phase, then tool_fraction=0
+    assert info["warmup/loss"] > 0 and (tmp_path / info["warm_start"].split("/")[-1] / "config.json").exists()
+    again, _, info2 = warm_start.load_starting_point(config, task, torch.device("cpu"), torch.float32)
+    assert len(seen) == 4 and info2["warm_start"] == info["warm_start"]  # reused, not retrained
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    other = load_config(None, [*overrides, "warmup.tool_first_steps=1"])
+    assert warm_start.load_starting_point(other, task, torch.device("cpu"), torch.float32)[2]["warm_start"] != (
+        info["warm_start"]
+    )
+    with pytest.raises(ConfigError, match="warmup.tool_first_steps: must be in"):
+        load_config(None, [*overrides, "warmup.tool_first_steps=5"])

@@ -42,11 +42,15 @@ def supervised_warm_start(model: GptOss, tokenizer: Any, task: Any, config: Trai
     """Full-parameter SFT on ``task.demonstrations``: cross-entropy on the tokens the policy writes (tool results
     excluded). Returns the final loss and the wall time."""
     settings = config.warmup
-    demos = task.demonstrations(settings.examples, tool_fraction=settings.tool_fraction, seed=config.seed)
-    episodes = []
-    for demo in demos:
-        r = task.render_demonstration(demo, tokenizer)
-        episodes.append(Episode(r["prompt_ids"], r["completion_ids"], r["loss_mask"], [0.0] * len(r["loss_mask"])))
+    def rendered(tool_fraction: float, seed: int) -> list[Episode]:
+        out = []
+        for demo in task.demonstrations(settings.examples, tool_fraction=tool_fraction, seed=seed):
+            r = task.render_demonstration(demo, tokenizer)
+            out.append(Episode(r["prompt_ids"], r["completion_ids"], r["loss_mask"], [0.0] * len(r["loss_mask"])))
+        return out
+
+    mixed = rendered(settings.tool_fraction, config.seed)
+    tool_only = rendered(1.0, config.seed + 1) if settings.tool_first_steps else []
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10) * (1 - s / settings.steps))
@@ -54,6 +58,7 @@ def supervised_warm_start(model: GptOss, tokenizer: Any, task: Any, config: Trai
     start, loss_value = time.perf_counter(), float("nan")
     model.train()
     for step in range(settings.steps):
+        episodes = tool_only if step < settings.tool_first_steps else mixed
         batch = torch.randint(0, len(episodes), (settings.batch_size,), generator=generator).tolist()
         chosen = [episodes[i] for i in batch]
         tokens = sum(sum(ep.loss_mask) for ep in chosen)
