@@ -30,6 +30,7 @@ def test_calculator_evaluates(expr, value):
         ("'a' * 3", "not allowed"),
         ("lambda: 1", "not allowed"),
         ("1 if 1 else 2", "not allowed"),
+        ("3and 4", "not allowed"),  # rejected before parsing: no SyntaxWarning printed
         ("9 ** 9 ** 9", "exponent"),
         ("10 ** 40", "exceeds"),
         ("(-8) ** 0.5", "not a real number"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 SAFE_IMPORTS: frozenset[str] = frozenset(
@@ -62,7 +63,9 @@ def _import_violation(module: str, line: int, allowed: frozenset[str]) -> str | 
 
 def check_code(source: str, *, allowed_imports: frozenset[str] | set[str] = SAFE_IMPORTS) -> CodeReport:
     try:
-        tree = ast.parse(source)
+        with warnings.catch_warnings():  # model-written code: "invalid escape sequence" etc. are not ours to print
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(source)
     except (SyntaxError, ValueError) as err:  # ValueError: NUL bytes
         where = f" (line {err.lineno})" if isinstance(err, SyntaxError) and err.lineno else ""
         msg = err.msg if isinstance(err, SyntaxError) else str(err)
