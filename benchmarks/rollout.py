@@ -13,7 +13,8 @@ Phases, in one process on one GPU:
    of prompt + completion (what the trainer computes), ``log_softmax(logits / T)``; control: the trainer's packed
    forward against one forward per sequence (the bf16 noise floor of the network itself).
 3. graph probe: one decode step (forward + lm_head + sampler) eager vs replayed from a CUDA graph, at each batch:
-   what a graphed decode step would reach (the engine does not capture graphs yet).
+   the ceiling for the engine's graphed step (``ours_cuda_graphs``: ``Engine(cuda_graphs=True)``, with the host
+   bookkeeping, and whether its first 32 tokens equal the eager engine's).
 4. a short profile of decode steps (GPU busy time vs wall time, top kernels) and the sampler alone.
 5. transformers: ``GptOssForCausalLM`` (eager attention) built on the meta device and given OUR weight tensors
    (shared storage, so both run the same network without a second 39 GiB copy; fp32 norms and sinks become small
@@ -65,13 +66,18 @@ def timed(fn) -> tuple[float, Any]:
 
 
 # ---- ours ------------------------------------------------------------------------------------------------------
-def make_engine(model: GptOss, batch: int, prompt_len: int, new_tokens: int, page: int = 16) -> Engine:
+def make_engine(
+    model: GptOss, batch: int, prompt_len: int, new_tokens: int, page: int = 16, cuda_graphs: bool = False
+) -> Engine:
     tokens = -(-(prompt_len + new_tokens) // page) * page  # whole pages per sequence
-    return Engine(model, page_size=page, kv_cache_tokens=batch * tokens, max_num_seqs=batch)
+    return Engine(model, page_size=page, kv_cache_tokens=batch * tokens, max_num_seqs=batch, cuda_graphs=cuda_graphs)
 
 
-def bench_ours(model: GptOss, batch: int, prompts: list[list[int]], new_tokens: int) -> tuple[dict, list]:
-    engine = make_engine(model, batch, len(prompts[0]), new_tokens)
+def bench_ours(
+    model: GptOss, batch: int, prompts: list[list[int]], new_tokens: int, cuda_graphs: bool = False
+) -> tuple[dict, list]:
+    """Tokens/s of one generate call (graphs, when on, are captured inside the timed call, as in real use)."""
+    engine = make_engine(model, batch, len(prompts[0]), new_tokens, cuda_graphs=cuda_graphs)
     requests = [Request(p) for p in prompts[:batch]]
     engine.generate(requests, sampling(4))  # warm-up: Triton compiles for this batch's shapes
     t1, _ = timed(lambda: engine.generate(requests, sampling(1)))
@@ -349,6 +355,8 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=16, help="0 skips the profile")
     parser.add_argument("--sharp-router-tokens", type=int, default=0, help="> 0: also the sharp-router mismatch")
     parser.add_argument("--no-graph-probe", dest="graph_probe", action="store_false")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="skip the run of ours with Engine(cuda_graphs=True)")  # fmt: skip
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="tiny random config (smoke test)")
     parser.add_argument("--out", default="bench_results")
@@ -388,6 +396,18 @@ def main() -> None:
             mismatch_done = True
         del completions
         save()
+    if args.cuda_graphs and device == "cuda":
+        results["ours_cuda_graphs"] = {}
+        for b in args.batches:
+            row, graphed = bench_ours(model, b, prompts, args.new_tokens, cuda_graphs=True)
+            eager = make_engine(model, b, args.prompt_len, 32).generate([Request(p) for p in prompts[:b]], sampling(32))
+            row["same_first_32_tokens_as_eager"] = sum(
+                g.token_ids[:32] == e[0].token_ids for g, e in zip(graphed, eager, strict=True)
+            ) / b  # fmt: skip
+            results["ours_cuda_graphs"][str(b)] = row
+            print(f"ours + CUDA graphs, batch {b}: {row}", flush=True)
+            del graphed, eager
+            save()
     if not mismatch_done:
         engine = make_engine(model, args.mismatch_batch, args.prompt_len, args.new_tokens)
         out = engine.generate([Request(p) for p in prompts[: args.mismatch_batch]], sampling(args.new_tokens))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ossrl.model.gpt_oss import GptOss, PackedBatch
+from ossrl.rollout.graphs import DecodeGraphs
 from ossrl.rollout.kv_cache import CacheStep, PagedKVCache, SequencePages, sliding_pages_per_sequence, to_device
 from ossrl.rollout.sampling import SamplingParams, sample_tokens
 from ossrl.rollout.tools import ToolRunner, Tools
@@ -79,7 +80,9 @@ class Engine:
     ``kv_cache_tokens``: tokens the full-attention layers' cache holds over all running sequences (default: 90%
     of free GPU memory on CUDA, 65,536 on CPU). ``max_num_seqs`` bounds the decode batch, ``max_prefill_tokens``
     the tokens of one prefill forward. ``tokenizer`` (with Harmony tokens) is needed for tool calls and supplies
-    the default stop tokens.
+    the default stop tokens. ``cuda_graphs=True``: decode steps run from fixed-size buffers, replayed from CUDA
+    graphs on a GPU (``ossrl.rollout.graphs``); on CPU the fixed-buffer step runs without capture. Off by default
+    until it has been measured on a GPU.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class Engine:
         max_num_seqs: int = 256,
         max_prefill_tokens: int = 16384,
         max_model_len: int | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -100,6 +104,8 @@ class Engine:
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.max_model_len = max_model_len or model.config.max_position_embeddings
+        self.cuda_graphs = cuda_graphs
+        self._graphs: DecodeGraphs | None = None
         self.harmony = None
         self._cache: PagedKVCache | None = None
         if tokenizer is not None:
@@ -142,6 +148,11 @@ class Engine:
                 queue.append(i)
         running: list[_Seq] = []
         waiting_tools: dict[int, _Seq] = {}
+        if self.cuda_graphs and queue:
+            longest = max(min(len(requests[i].prompt_ids) + reserve, self.max_model_len) for i in queue)
+            self._graphs = DecodeGraphs(self.model, cache, sampling, max_batch=self.max_num_seqs,
+                                        width=cache.pages_for(longest, self.page_size),
+                                        capture=self.model.device.type == "cuda")  # fmt: skip
         try:
             while queue or running or waiting_tools:
                 admitted = self._admit(queue, requests, running, cache, reserve, max_chunk, sampling)
@@ -161,7 +172,7 @@ class Engine:
                 elif not queue and not waiting_tools and running:
                     raise RuntimeError("rollout engine: running sequences with nothing to feed")  # a bug, not input
         finally:
-            self._cache = None  # the cache's memory goes back (the trainer needs it between rollouts)
+            self._cache = self._graphs = None  # the cache's memory goes back (the trainer needs it between rollouts)
             if runner is not None:
                 runner.close()
         return [[c for c in group if c is not None] for group in results]  # type: ignore[misc]
@@ -274,8 +285,18 @@ class Engine:
         self._sample_and_route(seqs, logits[rows], sampling, stop_ids, running, waiting_tools, results, runner)
 
     def _step(self, seqs, cache, sampling, stop_ids, running, waiting_tools, results, runner) -> None:
-        logits = self._forward(seqs, cache, fresh=False)
         stepped = {id(s) for s in seqs}
+        graphs = self._graphs
+        if graphs is not None and graphs.fits(len(seqs)) and all(len(s.pending) == 1 for s in seqs):
+            ids = [s.pending[0] for s in seqs]
+            for s in seqs:
+                s.pending = []
+            tokens, logprobs = graphs.step([s.pages for s in seqs], ids, [s.seed for s in seqs],
+                                           [s.length for s in seqs])  # fmt: skip
+            running[:] = [s for s in running if id(s) not in stepped]
+            self._route(seqs, tokens, logprobs, sampling, stop_ids, running, waiting_tools, results, runner)
+            return
+        logits = self._forward(seqs, cache, fresh=False)  # a tool result being appended, or no graphs
         running[:] = [s for s in running if id(s) not in stepped]
         self._sample_and_route(seqs, logits, sampling, stop_ids, running, waiting_tools, results, runner)
 
@@ -284,7 +305,12 @@ class Engine:
         seeds = to_device([s.seed for s in seqs], torch.long, device)
         positions = to_device([s.length for s in seqs], torch.long, device)
         tokens, logprobs = sample_tokens(logits, sampling, seeds, positions)
-        for s, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist(), strict=True):
+        self._route(seqs, tokens.tolist(), logprobs.tolist(), sampling, stop_ids, running, waiting_tools, results,
+                    runner)  # fmt: skip
+
+    def _route(self, seqs, tokens, logprobs, sampling, stop_ids, running, waiting_tools, results, runner) -> None:
+        """Record each sequence's sampled token; finish it, hand it to its tool, or keep it running."""
+        for s, token, logprob in zip(seqs, tokens, logprobs, strict=True):
             s.new.append(token)
             s.logprobs.append(logprob)
             s.mask.append(1)

@@ -80,9 +80,11 @@ class PagedKVCache:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         for sliding in self.sliding:
-            pages = sliding_pages if sliding else full_pages
+            # one page past the pool: the scratch page, which padding rows of a fixed-size decode step write and read
+            pages = (sliding_pages if sliding else full_pages) + 1
             self.k.append(torch.zeros(pages, page_size, *shape, device=device, dtype=dtype))
             self.v.append(torch.zeros(pages, page_size, *shape, device=device, dtype=dtype))
+        self.scratch = {False: full_pages, True: sliding_pages}  # the scratch page's index, per pool (sliding?)
         self.full_pool = PagePool(full_pages)
         self.sliding_pool = PagePool(sliding_pages if any(self.sliding) else 0)
         self.device = device
@@ -173,6 +175,70 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
         return cpu.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else cpu
 
 
+@dataclass
+class StepPlan:
+    """What one forward needs from the cache, as host lists: the slot of every new key (full and sliding pools),
+    which new rows the sliding pool stores, each sequence's length after the step and its page-table rows."""
+
+    full_slots: list[int]
+    sliding_slots: list[int]
+    sliding_keep: list[int]
+    cu_q_lens: list[int]
+    seq_lens: list[int]
+    full_rows: list[list[int]]
+    sliding_rows: list[list[int]]
+
+
+def plan_step(
+    cache: PagedKVCache, seqs: list[SequencePages], q_lens: list[int], fresh: bool, width: int | None = None
+) -> StepPlan:
+    """Grow the sequences' pages for ``q_lens`` new tokens each and lay out where everything goes. Page-table rows
+    are ``width`` wide (default: the longest sequence's pages)."""
+    page = cache.page_size
+    has_full, has_sliding = not all(cache.sliding), cache.sliding_pool.num_pages > 0
+    full_slots, sliding_slots, keep, seq_lens = [], [], [], []
+    row = 0
+    for seq, n in zip(seqs, q_lens, strict=True):
+        start, end = seq.cached_len, seq.cached_len + n
+        # Sliding layers: a fresh prefill attends over the new tokens directly, so only the keys a future query
+        # can see (the last window - 1) are stored; an append reads its keys from the cache, so all are stored.
+        first_stored = max(start, end - cache.window + 1) if fresh else start
+        cache.grow(seq, end, first_stored)
+        if has_full:
+            full_slots.extend(seq.full[pos // page] * page + pos % page for pos in range(start, end))
+        if has_sliding:
+            sliding_slots.extend(seq.sliding[pos // page] * page + pos % page for pos in range(first_stored, end))
+            keep.extend(range(row + first_stored - start, row + n))
+        row += n
+        seq_lens.append(end)
+    cu = [0]
+    for n in q_lens:
+        cu.append(cu[-1] + n)
+    needed = max(1, max(cache.pages_for(n, page) for n in seq_lens))
+    if width is not None and width < needed:
+        raise RuntimeError(f"rollout KV cache: a sequence needs {needed} pages, the step's tables hold {width}")
+    width = width or needed
+    full_rows = [_row(s.full, width) for s in seqs]
+    sliding_rows = [_row(s.sliding, width) for s in seqs]
+    _check(cache, full_rows, sliding_rows, full_slots, sliding_slots)
+    return StepPlan(full_slots, sliding_slots, keep, cu, seq_lens, full_rows, sliding_rows)
+
+
+def _row(pages: list[int], width: int) -> list[int]:
+    return [max(p, 0) for p in pages] + [0] * (width - len(pages))
+
+
+def _check(cache: PagedKVCache, full_rows, sliding_rows, full_slots, sliding_slots) -> None:
+    """The per-step stand-in for the decode kernel's per-call value checks (host lists only: no GPU sync).
+    Lengths and page-table widths hold by construction; page ids must lie in their pools."""
+    page = cache.page_size
+    for name, rows, slots, pool in (("full", full_rows, full_slots, cache.full_pool),
+                                    ("sliding", sliding_rows, sliding_slots, cache.sliding_pool)):  # fmt: skip
+        top = max((max(r) for r in rows if r), default=0)
+        if (slots and not 0 <= min(slots) <= max(slots) < pool.num_pages * page) or top >= max(pool.num_pages, 1):
+            raise RuntimeError(f"rollout KV cache: {name} page ids out of range (a bug in the engine)")
+
+
 class CacheStep:
     """One forward's view of the cache (the model calls ``attend`` from every attention layer).
 
@@ -186,52 +252,17 @@ class CacheStep:
 
     def __init__(self, cache: PagedKVCache, seqs: list[SequencePages], q_lens: list[int], fresh: bool) -> None:
         self.cache, self.fresh = cache, fresh
-        device, page = cache.device, cache.page_size
-        has_full, has_sliding = not all(cache.sliding), cache.sliding_pool.num_pages > 0
-        full_slots, sliding_slots, keep, seq_lens = [], [], [], []
-        row = 0
-        for seq, n in zip(seqs, q_lens, strict=True):
-            start, end = seq.cached_len, seq.cached_len + n
-            # Sliding layers: a fresh prefill attends over the new tokens directly, so only the keys a future query
-            # can see (the last window - 1) are stored; an append reads its keys from the cache, so all are stored.
-            first_stored = max(start, end - cache.window + 1) if fresh else start
-            cache.grow(seq, end, first_stored)
-            if has_full:
-                full_slots.extend(seq.full[pos // page] * page + pos % page for pos in range(start, end))
-            if has_sliding:
-                sliding_slots.extend(seq.sliding[pos // page] * page + pos % page for pos in range(first_stored, end))
-                keep.extend(range(row + first_stored - start, row + n))
-            row += n
-            seq_lens.append(end)
-        cu = [0]
-        for n in q_lens:
-            cu.append(cu[-1] + n)
+        plan = plan_step(cache, seqs, q_lens, fresh)
+        device = cache.device
         self.max_q_len = max(q_lens)
-        width = max(1, max(cache.pages_for(n, page) for n in seq_lens))
-        full_rows = [self._row(s.full, width) for s in seqs]
-        sliding_rows = [self._row(s.sliding, width) for s in seqs]
-        self._check(full_rows, sliding_rows, full_slots, sliding_slots)
-        self.full_slots = to_device(full_slots, torch.long, device)
-        self.sliding_slots = to_device(sliding_slots, torch.long, device)
-        self.sliding_keep = None if len(keep) == row else to_device(keep, torch.long, device)  # None: every row
-        self.cu_q_lens = to_device(cu, torch.int32, device)
-        self.seq_lens = to_device(seq_lens, torch.int32, device)
-        self.full_table = to_device(full_rows, torch.int32, device)
-        self.sliding_table = to_device(sliding_rows, torch.int32, device)
-
-    @staticmethod
-    def _row(pages: list[int], width: int) -> list[int]:
-        return [max(p, 0) for p in pages] + [0] * (width - len(pages))
-
-    def _check(self, full_rows, sliding_rows, full_slots, sliding_slots) -> None:
-        """The per-step stand-in for the decode kernel's per-call value checks (host lists only: no GPU sync).
-        Lengths and page-table widths hold by construction; page ids must lie in their pools."""
-        page = self.cache.page_size
-        for name, rows, slots, pool in (("full", full_rows, full_slots, self.cache.full_pool),
-                                        ("sliding", sliding_rows, sliding_slots, self.cache.sliding_pool)):  # fmt: skip
-            top = max((max(r) for r in rows if r), default=0)
-            if (slots and not 0 <= min(slots) <= max(slots) < pool.num_pages * page) or top >= max(pool.num_pages, 1):
-                raise RuntimeError(f"rollout KV cache: {name} page ids out of range (a bug in the engine)")
+        self.full_slots = to_device(plan.full_slots, torch.long, device)
+        self.sliding_slots = to_device(plan.sliding_slots, torch.long, device)
+        every_row = len(plan.sliding_keep) == sum(q_lens)
+        self.sliding_keep = None if every_row else to_device(plan.sliding_keep, torch.long, device)  # None: all
+        self.cu_q_lens = to_device(plan.cu_q_lens, torch.int32, device)
+        self.seq_lens = to_device(plan.seq_lens, torch.int32, device)
+        self.full_table = to_device(plan.full_rows, torch.int32, device)
+        self.sliding_table = to_device(plan.sliding_rows, torch.int32, device)
 
     def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, window: int | None

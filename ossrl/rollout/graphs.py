@@ -1,0 +1,152 @@
+"""The decode step in fixed-size buffers, replayed from CUDA graphs.
+
+A decode step (one new token per running sequence) is a few thousand small kernels; launching them costs more than
+running them at small batches. ``DecodeGraphs`` captures the whole step — model forward, lm_head and the sampler —
+once per batch bucket (1, 2, 4, ... up to the engine's max_num_seqs) and replays it. A step of b sequences runs in
+the smallest bucket >= b; the extra rows are padding that writes and reads only the cache's scratch page (token 0,
+position 0, length 1), and their samples are dropped. Per step the host fills the fixed buffers (token ids,
+positions, seeds, slots, page tables, lengths) with one copy each, replays, and reads b tokens back.
+
+Page tables have a fixed width for the whole ``generate`` call (the longest sequence it can produce), which also
+bounds the decode kernel's grid. The graphs belong to one cache and one SamplingParams, so they live as long as one
+``generate`` call. On CPU the same fixed-buffer step runs without capture (``capture=False``): that is how the CPU
+tests check the padding and buffer logic against the plain step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ossrl.model.gpt_oss import GptOss, PackedBatch
+from ossrl.rollout.kv_cache import CacheStep, PagedKVCache, SequencePages, plan_step
+from ossrl.rollout.sampling import SamplingParams, sample_tokens
+
+
+def buckets(max_batch: int) -> list[int]:
+    """Batch sizes that get a graph: powers of two up to ``max_batch``, and ``max_batch`` itself."""
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return [*sizes, max_batch]
+
+
+class StaticDecodeStep(CacheStep):
+    """``CacheStep`` for one token per sequence in buffers of ``batch`` rows that never move (a graph reads them)."""
+
+    def __init__(self, cache: PagedKVCache, batch: int, width: int) -> None:  # no super(): nothing is planned yet
+        self.cache, self.fresh, self.max_q_len, self.batch, self.width = cache, False, 1, batch, width
+        device = cache.device
+
+        def zeros(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        self.ids, self.positions = zeros(batch), zeros(batch)
+        self.seeds, self.sample_positions = zeros(batch), zeros(batch)
+        self.full_slots, self.sliding_slots, self.sliding_keep = zeros(batch), zeros(batch), None
+        self.cu_q_lens = torch.arange(batch + 1, dtype=torch.int32, device=device)
+        self.seq_lens = zeros(batch, dtype=torch.int32)
+        self.full_table = zeros(batch, width, dtype=torch.int32)
+        self.sliding_table = zeros(batch, width, dtype=torch.int32)
+        self.has_sliding = cache.sliding_pool.num_pages > 0
+        self.has_full = not all(cache.sliding)
+
+    def load(self, seqs: list[SequencePages], ids: list[int], seeds: list[int], sample_positions: list[int]) -> None:
+        """Plan the step for ``seqs`` (one new token each) and copy it, padded to the bucket, into the buffers."""
+        b, pad, page = len(seqs), self.batch - len(seqs), self.cache.page_size
+        plan = plan_step(self.cache, seqs, [1] * b, fresh=False, width=self.width)
+        scratch_full, scratch_sliding = self.cache.scratch[False], self.cache.scratch[True]
+        full_slots = (plan.full_slots if self.has_full else [0] * b) + [scratch_full * page] * pad
+        sliding_slots = (plan.sliding_slots if self.has_sliding else [0] * b) + [scratch_sliding * page] * pad
+        rows = {
+            "full": plan.full_rows + [[scratch_full] * self.width] * pad,
+            "sliding": plan.sliding_rows + [[scratch_sliding] * self.width] * pad,
+        }
+        host = {
+            self.ids: ids + [0] * pad,
+            self.positions: [s.cached_len for s in seqs] + [0] * pad,
+            self.seeds: seeds + [0] * pad,
+            self.sample_positions: sample_positions + [0] * pad,
+            self.full_slots: full_slots,
+            self.sliding_slots: sliding_slots,
+            self.seq_lens: plan.seq_lens + [1] * pad,
+            self.full_table: rows["full"],
+            self.sliding_table: rows["sliding"],
+        }
+        for buffer, values in host.items():
+            buffer.copy_(torch.tensor(values, dtype=buffer.dtype), non_blocking=True)
+
+
+@dataclass
+class _Entry:
+    step: StaticDecodeStep
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    graph: Any = None  # torch.cuda.CUDAGraph when captured
+
+
+class DecodeGraphs:
+    """One fixed-buffer decode step per batch bucket, captured in a CUDA graph when ``capture`` (made lazily, the
+    first time a bucket is needed)."""
+
+    def __init__(
+        self, model: GptOss, cache: PagedKVCache, sampling: SamplingParams, *, max_batch: int, width: int, capture: bool
+    ) -> None:
+        self.model, self.cache, self.sampling, self.width, self.capture = model, cache, sampling, width, capture
+        self.sizes = buckets(max_batch)
+        self.entries: dict[int, _Entry] = {}
+        self.pool = None  # one CUDA memory pool shared by all the graphs of this call
+
+    def fits(self, batch: int) -> bool:
+        return batch <= self.sizes[-1]
+
+    def _run(self, step: StaticDecodeStep) -> tuple[torch.Tensor, torch.Tensor]:
+        packed = PackedBatch(step.ids, step.cu_q_lens, 1, step.positions, kv_cache=step)
+        logits = self.model.lm_head(self.model.forward_packed(packed)).float()
+        return sample_tokens(logits, self.sampling, step.seeds, step.sample_positions)
+
+    def _entry(self, bucket: int) -> _Entry:
+        if bucket in self.entries:
+            return self.entries[bucket]
+        step = StaticDecodeStep(self.cache, bucket, self.width)
+        if not self.capture:  # nothing runs until load() has filled the buffers (zeros point at live pages)
+            entry = _Entry(step, torch.empty(0), torch.empty(0))
+        else:  # warm up on a side stream (allocator, autotuning), then capture; padding rows only touch scratch
+            for s in range(bucket):
+                step.full_table[s].fill_(self.cache.scratch[False])
+                step.sliding_table[s].fill_(self.cache.scratch[True])
+            step.full_slots.fill_(self.cache.scratch[False] * self.cache.page_size)
+            step.sliding_slots.fill_(self.cache.scratch[True] * self.cache.page_size)
+            step.seq_lens.fill_(1)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._run(step)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                tokens, logprobs = self._run(step)
+            self.pool = graph.pool()
+            entry = _Entry(step, tokens, logprobs, graph)
+        self.entries[bucket] = entry
+        return entry
+
+    def step(
+        self, pages: list[SequencePages], ids: list[int], seeds: list[int], sample_positions: list[int]
+    ) -> tuple[list[int], list[float]]:
+        """One decode step for ``len(pages)`` sequences: their sampled tokens and log-probs. Updates the cache
+        bookkeeping (lengths, sliding-window trimming) like ``CacheStep.finish``."""
+        b = len(pages)
+        entry = self._entry(next(size for size in self.sizes if size >= b))
+        entry.step.load(pages, ids, seeds, sample_positions)
+        if entry.graph is not None:
+            entry.graph.replay()
+            tokens, logprobs = entry.tokens, entry.logprobs
+        else:
+            tokens, logprobs = self._run(entry.step)
+        entry.step.finish(pages, [1] * b)
+        return tokens[:b].tolist(), logprobs[:b].tolist()
