@@ -261,8 +261,8 @@ def test_fixed_buffer_decode_step_gives_the_same_samples(tiny, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graphs_replay_the_same_samples(tiny, dtype):
     model, tokenizer = tiny
-    gpu = GptOss(model.config).to("cuda", dtype)
-    gpu.load_state_dict(model.state_dict())
+    gpu = GptOss.from_config(model.config, device="cuda", dtype=dtype, seed=None)
+    gpu.load_state_dict(model.state_dict())  # copies into each parameter's dtype (norms and sinks stay fp32)
     gpu.eval()
     requests = [Request(p, n=2) for p in prompts(5)]
     sampling = SamplingParams(temperature=1.0, max_new_tokens=40, seed=7, stop_token_ids=[])
