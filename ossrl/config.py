@@ -51,6 +51,7 @@ class RolloutSettings:
     max_tool_tokens: int = 512
     max_num_seqs: int = 256
     kv_cache_tokens: int | None = None
+    cuda_graphs: bool = False  # decode steps replayed from CUDA graphs (ossrl.rollout.graphs); opt-in for now
 
 
 @dataclass
