@@ -245,17 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "train":
         return run_train(args.items)
-    if args.command == "eval":
+    if args.command in ("eval", "chat"):
         try:
-            return run_eval(args)
-        except (ValueError, FileNotFoundError) as err:
-            print(f"ossrl eval: {err}", file=sys.stderr)
-            return 2
-    if args.command == "chat":
-        try:
-            return run_chat(args)
-        except (ValueError, FileNotFoundError) as err:
-            print(f"ossrl chat: {err}", file=sys.stderr)
+            return run_eval(args) if args.command == "eval" else run_chat(args)
+        except (ValueError, FileNotFoundError) as err:  # bad names, paths, adapters: one line, exit code 2
+            print(f"ossrl {args.command}: {err}", file=sys.stderr)
             return 2
     if args.command == "bench":
         return run_bench(args)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ossrl.kernels.attention_ref import padded_layout
+
 _FORWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 MAX_WINDOW_MASK = 2**24  # L * L entries of the additive window mask
@@ -67,18 +69,15 @@ def sink_attention_cpu(
     softmax_scale: float | None = None,
 ) -> torch.Tensor:
     """``sink_attention_ref`` through the fused CPU kernels (callers check ``fits`` first; inputs already checked)."""
-    t, hq, d = q.shape
+    hq, d = q.shape[1:]
     hkv = k.shape[1]
     bounds = cu_seqlens.tolist()
     b = len(bounds) - 1
-    starts = torch.tensor(bounds[:-1])
-    lengths = torch.tensor(bounds[1:]) - starts
-    longest = int(lengths.max())
-    offsets = torch.arange(longest)
-    valid = offsets.unsqueeze(0) < lengths.unsqueeze(1)  # [B, L]
+    longest = max(end - start for start, end in zip(bounds, bounds[1:], strict=False))
+    index, valid, offsets = padded_layout(bounds, longest, q.device)
     # index_select rather than advanced indexing: its backward is an index_add, several times faster on CPU than
     # the accumulating index_put that advanced indexing backpropagates through.
-    index = (starts.unsqueeze(1) + offsets).clamp(max=t - 1).view(-1)
+    index = index.view(-1)
     qb = q.index_select(0, index).view(b, longest, hq, d).permute(0, 2, 1, 3)  # [B, Hq, L, D]
     # GQA: the fused kernel wants one K/V head per q head
     kb = k.index_select(0, index).view(b, longest, hkv, d).permute(0, 2, 1, 3).repeat_interleave(hq // hkv, dim=1)

@@ -125,6 +125,19 @@ def attend_with_sink(
     return (probs @ vb) / denom
 
 
+def padded_layout(
+    bounds: list[int], longest: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed rows -> a right-padded [B, L] batch: ``index`` [B, L] of the packed row at each place (padding
+    repeats a valid row), ``valid`` [B, L], and the in-sequence ``offsets`` [L]."""
+    starts = torch.tensor(bounds[:-1], device=device)
+    lengths = torch.tensor(bounds[1:], device=device) - starts
+    offsets = torch.arange(longest, device=device)
+    valid = offsets.unsqueeze(0) < lengths.unsqueeze(1)
+    index = (starts.unsqueeze(1) + offsets).clamp(max=max(bounds[-1] - 1, 0))
+    return index, valid, offsets
+
+
 def _padded_sink_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor, bounds: list[int], longest: int,
     window: int | None, scale: float,
@@ -133,12 +146,7 @@ def _padded_sink_attention(
     (the per-sequence loop costs a few dozen small ops per sequence, which dominates on CPU)."""
     t, hq, d = q.shape
     hkv = k.shape[1]
-    device = q.device
-    starts = torch.tensor(bounds[:-1], device=device)
-    lengths = torch.tensor(bounds[1:], device=device) - starts
-    offsets = torch.arange(longest, device=device)
-    valid = offsets.unsqueeze(0) < lengths.unsqueeze(1)  # [B, L]
-    index = (starts.unsqueeze(1) + offsets).clamp(max=max(t - 1, 0))
+    index, valid, offsets = padded_layout(bounds, longest, q.device)
     b = len(bounds) - 1
     qb = q.float()[index].view(b, longest, hkv, hq // hkv, d).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, L, D]
     kb = k.float()[index].permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, L, D]
