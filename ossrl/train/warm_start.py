@@ -40,8 +40,10 @@ def base_checkpoint(config: TrainConfig) -> Path:
 
 def supervised_warm_start(model: GptOss, tokenizer: Any, task: Any, config: TrainConfig) -> dict[str, float]:
     """Full-parameter SFT on ``task.demonstrations``: cross-entropy on the tokens the policy writes (tool results
-    excluded). Returns the final loss and the wall time."""
+    excluded). The first ``warmup.tool_first_steps`` steps draw from tool-using demonstrations only, the rest from
+    demonstrations that use the tool in a ``warmup.tool_fraction`` share. Returns the final loss and the wall time."""
     settings = config.warmup
+
     def rendered(tool_fraction: float, seed: int) -> list[Episode]:
         out = []
         for demo in task.demonstrations(settings.examples, tool_fraction=tool_fraction, seed=seed):
