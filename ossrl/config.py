@@ -272,8 +272,9 @@ def validate(config: TrainConfig) -> None:
     check(config.lora.r >= 1, "lora.r", "must be >= 1")
     warm = config.warmup
     check(0.0 <= warm.tool_fraction <= 1.0, "warmup.tool_fraction", "must be in [0, 1]")
-    check(0 <= warm.tool_first_steps <= max(warm.steps, 0), "warmup.tool_first_steps",
-          f"must be in [0, warmup.steps={warm.steps}]")  # fmt: skip
+    # (with warmup.steps <= 0 there is no warm start, and tool_first_steps is moot)
+    check(warm.tool_first_steps >= 0 and (warm.steps <= 0 or warm.tool_first_steps <= warm.steps),
+          "warmup.tool_first_steps", f"must be in [0, warmup.steps={warm.steps}]")  # fmt: skip
     check(not (config.algorithm.kl_coef > 0 and not config.lora.enabled), "algorithm.kl_coef",
           "KL to the reference needs LoRA (the reference is the model with adapters off)")  # fmt: skip
     check(0.0 <= config.warmup.tool_fraction <= 1.0, "warmup.tool_fraction", "must be in [0, 1]")

@@ -141,3 +141,6 @@ def test_warm_start_trains_in_two_phases_and_is_cached(tmp_path, monkeypatch):
     assert other_info["warm_start"] != info["warm_start"]  # the settings are in the cache key
     with pytest.raises(ConfigError, match="warmup.tool_first_steps: must be in"):
         load_config(None, [*overrides, "warmup.tool_first_steps=5"])
+    from ossrl.recipes import TINY_CPU
+
+    assert load_config(None, ["warmup.steps=0"], base=TINY_CPU).warmup.steps == 0  # no warm start: no complaint
