@@ -115,9 +115,8 @@ class DecodeGraphs:
         if not self.capture:  # nothing runs until load() has filled the buffers (zeros point at live pages)
             entry = _Entry(step, torch.empty(0), torch.empty(0))
         else:  # warm up on a side stream (allocator, autotuning), then capture; padding rows only touch scratch
-            for s in range(bucket):
-                step.full_table[s].fill_(self.cache.scratch[False])
-                step.sliding_table[s].fill_(self.cache.scratch[True])
+            step.full_table.fill_(self.cache.scratch[False])
+            step.sliding_table.fill_(self.cache.scratch[True])
             step.full_slots.fill_(self.cache.scratch[False] * self.cache.page_size)
             step.sliding_slots.fill_(self.cache.scratch[True] * self.cache.page_size)
             step.seq_lens.fill_(1)
