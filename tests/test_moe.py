@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from ossrl.kernels.moe import grouped_matmul, moe_experts, swiglu_clamped
+from ossrl.kernels.moe import expert_path, grouped_matmul, moe_experts, swiglu_clamped
+from ossrl.model.mxfp4 import MXFP4Weight
 
 
 def dense_moe(x, ids, weights, w1, b1, w2, b2, alpha=1.702, limit=7.0):
@@ -35,13 +36,63 @@ def test_routed_moe_matches_dense(n, e, k):
         torch.testing.assert_close(g, r)
 
 
-def test_weight_can_be_a_callable_such_as_mxfp4_dequantize():
+def _select(w):
+    return lambda ids: w if ids is None else w[ids]
+
+
+@pytest.mark.parametrize("n", [1, 6])  # 2 pairs < 3 experts: gathered; 12 pairs: the grouped/loop path
+def test_weight_can_be_a_callable_such_as_mxfp4_dequantize(n):
     torch.manual_seed(0)
-    x, ids = torch.randn(6, 8), torch.randint(0, 3, (6, 2))
-    weights = torch.full((6, 2), 0.5)
+    x, ids = torch.randn(n, 8), torch.randint(0, 3, (n, 2))
+    weights = torch.full((n, 2), 0.5)
     w1, b1, w2, b2 = torch.randn(3, 8, 10), torch.zeros(3, 10), torch.randn(3, 5, 8), torch.zeros(3, 8)
-    torch.testing.assert_close(moe_experts(x, ids, weights, lambda: w1, b1, lambda: w2, b2),
+    torch.testing.assert_close(moe_experts(x, ids, weights, _select(w1), b1, _select(w2), b2),
                                moe_experts(x, ids, weights, w1, b1, w2, b2))  # fmt: skip
+
+
+def test_expert_path_gathers_decode_sized_batches_and_never_reads_the_host_for_them():
+    cpu = torch.device("cpu")  # no grouped GEMM here: dense weights loop once there are enough pairs
+    assert expert_path(4, 32, cpu, torch.float32, packed=False) == "gathered"
+    assert expert_path(32, 32, cpu, torch.float32, packed=False) == "loop"
+    assert expert_path(31, 32, cpu, torch.float32, packed=True) == "gathered"
+
+
+@pytest.mark.parametrize("n,e,k", [(1, 32, 4), (3, 8, 2), (7, 32, 4)])
+def test_gathered_path_matches_the_grouped_path_with_lora_and_gradients(n, e, k, monkeypatch):
+    torch.manual_seed(e + n)
+    h, i, r = 16, 12, 4
+    dd = dict(dtype=torch.float64)
+    x = torch.randn(n, h, **dd, requires_grad=True)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+    ids[0, -1] = ids[-1, 0] if n > 1 else ids[0, -1]  # an expert shared by two tokens
+    weights = torch.softmax(torch.randn(n, k, **dd), -1)
+    params = [torch.randn(e, h, 2 * i, **dd), torch.randn(e, 2 * i, **dd), torch.randn(e, i, h, **dd),
+              torch.randn(e, h, **dd)]  # fmt: skip
+    loras = [torch.randn(e, h, r, **dd), torch.randn(e, r, 2 * i, **dd), torch.randn(e, i, r, **dd),
+             torch.randn(e, r, h, **dd)]  # fmt: skip
+    leaves = [x, *params, *loras]
+    for t in leaves:
+        t.requires_grad_(True)
+
+    def run():
+        lora_up, lora_down = (loras[0], loras[1], 0.5), (loras[2], loras[3], 2.0)
+        out = moe_experts(x, ids, weights, *params, gate_up_lora=lora_up, down_lora=lora_down)
+        return out, torch.autograd.grad(out.square().sum(), leaves)
+
+    assert expert_path(n * k, e, x.device, x.dtype, packed=False) == "gathered"
+    gathered, gathered_grads = run()
+    monkeypatch.setattr("ossrl.kernels.moe.expert_path", lambda *args, **kwargs: "loop")
+    looped, looped_grads = run()
+    torch.testing.assert_close(gathered, looped)
+    for g, ref in zip(gathered_grads, looped_grads, strict=True):
+        torch.testing.assert_close(g, ref)
+
+
+def test_mxfp4_dequantizes_only_the_chosen_experts():
+    torch.manual_seed(0)
+    weight = MXFP4Weight.from_dense(torch.randn(6, 64, 32))
+    ids = torch.tensor([4, 1, 4])
+    torch.testing.assert_close(weight.dequantize(torch.float32, ids), weight.dequantize(torch.float32)[ids])
 
 
 def test_swiglu_clamps_gate_above_only_and_linear_both_sides():

@@ -6,29 +6,10 @@ import time
 
 import pytest
 import torch
+from rollout_helpers import prompts, scripted_policy
 
-from ossrl.harmony import Message, load_harmony_tokenizer, render_completion, render_conversation
-from ossrl.model import GptOss
-from ossrl.model.tiny import write_tiny_checkpoint
+from ossrl.harmony import Message, render_completion, render_conversation
 from ossrl.rollout import Engine, Request, SamplingParams
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", sliding_window=8)
-    tokenizer = load_harmony_tokenizer(path)
-    model = GptOss.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():  # sharper than the init scale, so sampled text is not uniform noise
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(6)
-    return model, tokenizer
-
-
-def prompts(n, lengths=(5, 23, 11, 40, 2, 17)):
-    """Random prompts of token ids below the tiny tokenizer's vocabulary (~1260 tokens)."""
-    gen = torch.Generator().manual_seed(n)
-    return [torch.randint(10, 1200, (lengths[i % len(lengths)],), generator=gen).tolist() for i in range(n)]
 
 
 def test_greedy_equals_naive_full_forward_loop(tiny):
@@ -104,28 +85,6 @@ def test_stop_tokens_max_tokens_and_seeds(tiny):
     other = engine.generate([Request(p)], SamplingParams(max_new_tokens=40, seed=2, stop_token_ids=[]))[0][0]
     assert again.token_ids == free.token_ids and other.token_ids != free.token_ids
     assert len(free.token_ids) == 40 and free.finish_reason == "length"
-
-
-class ScriptedHead(torch.nn.Module):
-    """Replaces lm_head: the next token comes from a script, one entry per forward (one running sequence)."""
-
-    def __init__(self, vocab_size: int, script: list[int]):
-        super().__init__()
-        self.vocab_size, self.script, self.cursor = vocab_size, script, 0
-
-    def forward(self, hidden):
-        logits = torch.full((hidden.shape[0], self.vocab_size), -30.0)
-        logits[:, self.script[min(self.cursor, len(self.script) - 1)]] = 30.0
-        self.cursor += 1
-        return logits
-
-
-def scripted_policy(base: GptOss, script: list[int]) -> GptOss:
-    """The real model and KV-cache path, with a scripted next token."""
-    policy = GptOss(base.config)
-    policy.load_state_dict(base.state_dict())
-    policy.lm_head = ScriptedHead(base.config.vocab_size, script)
-    return policy.eval()
 
 
 def test_tool_loop_runs_several_turns_with_the_right_loss_mask(tiny):
@@ -218,57 +177,3 @@ def test_sliding_layers_keep_only_the_window(tiny):
     engine.generate([Request(prompts(1, lengths=(60,))[0])], SamplingParams(max_new_tokens=30, stop_token_ids=[]))
     window_pages = -(-8 // 4) + 1
     assert max(seen) <= window_pages + 1  # not 90 / 4 = 23 pages
-
-
-def test_fixed_buffer_decode_step_gives_the_same_samples(tiny, monkeypatch):
-    """cuda_graphs=True on CPU runs the graphs' fixed-buffer step without capture: bucketed batches padded with
-    scratch-page rows must sample exactly what the plain step samples, tool turns included."""
-    from ossrl.rollout import graphs
-
-    model, tokenizer = tiny
-    padded_steps = []
-    original = graphs.StaticDecodeStep.load
-
-    def spy(self, seqs, *args):
-        padded_steps.append(self.batch - len(seqs))
-        return original(self, seqs, *args)
-
-    monkeypatch.setattr(graphs.StaticDecodeStep, "load", spy)
-    requests = [Request(p, n=2) for p in prompts(5)]
-    calls = render_completion([Message.tool_call("add", {"a": 2, "b": 3})], tokenizer)
-    tools = {"add": lambda a, b: a + b}
-    for temperature in (0.0, 1.0):
-        sampling = SamplingParams(temperature=temperature, max_new_tokens=24, seed=5, stop_token_ids=[])
-        plain = Engine(model, tokenizer, kv_cache_tokens=2048, page_size=4).generate(requests, sampling)
-        fixed = Engine(model, tokenizer, kv_cache_tokens=2048, page_size=4, max_num_seqs=7, cuda_graphs=True)
-        for a, b in zip(plain, fixed.generate(requests, sampling), strict=True):
-            for x, y in zip(a, b, strict=True):
-                assert x.token_ids == y.token_ids and x.finish_reason == y.finish_reason
-                assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs, strict=True)) < 1e-5
-    assert padded_steps and max(padded_steps) > 0 and min(padded_steps) == 0  # buckets 1, 2, 4, 7: some padding
-    # a tool turn: the tool result goes through the plain step (several tokens), decoding through the fixed one
-    script = [*calls, *render_completion([Message.final("5")], tokenizer)]
-    prompt = render_conversation([Message.user("2+3?")], tokenizer)
-    sampling = SamplingParams(temperature=0, max_new_tokens=80, max_turns=3)
-    want = Engine(scripted_policy(model, script), tokenizer).generate([Request(prompt)], sampling, tools=tools)[0][0]
-    fixed = Engine(scripted_policy(model, script), tokenizer, cuda_graphs=True)
-    got = fixed.generate([Request(prompt)], sampling, tools=tools)[0][0]
-    assert got.token_ids == want.token_ids and got.loss_mask == want.loss_mask and got.num_tool_calls == 1
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graphs_replay_the_same_samples(tiny, dtype):
-    model, tokenizer = tiny
-    gpu = GptOss.from_config(model.config, device="cuda", dtype=dtype, seed=None)
-    gpu.load_state_dict(model.state_dict())  # copies into each parameter's dtype (norms and sinks stay fp32)
-    gpu.eval()
-    requests = [Request(p, n=2) for p in prompts(5)]
-    sampling = SamplingParams(temperature=1.0, max_new_tokens=40, seed=7, stop_token_ids=[])
-    plain = Engine(gpu, tokenizer, kv_cache_tokens=4096, max_num_seqs=7).generate(requests, sampling)
-    graphed = Engine(gpu, tokenizer, kv_cache_tokens=4096, max_num_seqs=7, cuda_graphs=True)
-    for a, b in zip(plain, graphed.generate(requests, sampling), strict=True):
-        for x, y in zip(a, b, strict=True):
-            assert x.token_ids == y.token_ids
-            assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs, strict=True)) < 1e-3

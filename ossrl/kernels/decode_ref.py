@@ -166,16 +166,25 @@ def paged_decode_attention(
             _VALUES_CHECKED.reset(token)
     args = (q, k_cache, v_cache, page_table, seq_lens, cu_q_lens, max_q_len, sinks, window, softmax_scale, kv_chunk)
     if q.is_cuda:
+        problem = triton_decode_problem(q.dtype, q.shape[-1])
+        if problem is None:
+            from ossrl.kernels.decode_triton import paged_decode_attention_triton
+
+            return paged_decode_attention_triton(*args)
         from ossrl.kernels import warn_once  # lazy: ossrl.kernels imports this module
 
-        try:
-            from ossrl.kernels.decode_triton import paged_decode_attention_triton
-        except ImportError as err:
-            warn_once("paged_decode_attention", f"paged_decode_attention: Triton unavailable ({err}); using the "
-                      "plain-torch reference (slow)")  # fmt: skip
-        else:
-            if q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dtype in SUPPORTED_DTYPES:
-                return paged_decode_attention_triton(*args)
-            warn_once("paged_decode_attention", f"paged_decode_attention: no Triton kernel for {q.dtype}, head dim "
-                      f"{q.shape[-1]}; using the plain-torch reference (slow)")  # fmt: skip
+        warn_once("paged_decode_attention", f"paged_decode_attention: {problem}; using the plain-torch reference "
+                  "(slow)")  # fmt: skip
     return paged_decode_attention_ref(*args)
+
+
+def triton_decode_problem(dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why CUDA tensors of ``dtype`` and ``head_dim`` would not get the Triton kernel (None: they would). The
+    reference reads lengths on the host, so a caller capturing CUDA graphs asks first."""
+    if head_dim not in SUPPORTED_HEAD_DIMS or dtype not in SUPPORTED_DTYPES:
+        return f"no Triton kernel for {dtype}, head dim {head_dim}"
+    try:
+        import ossrl.kernels.decode_triton  # noqa: F401
+    except ImportError as err:
+        return f"Triton unavailable ({err})"
+    return None

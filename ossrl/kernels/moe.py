@@ -4,6 +4,11 @@ Tokens are sorted by expert and each expert multiplies one contiguous slice (a g
 is ever copied once per expert. On CUDA with bf16/fp16 the slices go through ``torch._grouped_mm`` in a single
 launch; elsewhere a loop over the experts that were hit does the same math. Per-expert LoRA adapters ride on the
 same sorted activations and the same grouped GEMMs.
+
+Decode-sized batches (fewer (token, expert) pairs than experts) take a third path when the weights are packed
+(MXFP4) or there is no grouped GEMM: each pair gathers its own expert's weight (dequantizing only the chosen
+experts) and one batched matmul runs them all. It never reads group sizes on the host, so a CUDA graph can
+capture it; ``expert_path`` says which path a batch takes.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import torch.nn.functional as F
 
 from ossrl.kernels import warn_once
 
-Weight = torch.Tensor | Callable[[], torch.Tensor]
+# A dense weight [E, in, out], or a packed one as a callable: f(None) -> all experts, f(ids) -> experts ``ids``.
+Weight = torch.Tensor | Callable[[torch.Tensor | None], torch.Tensor]
 LoraFactors = tuple[torch.Tensor, torch.Tensor, float]  # A [E, in, r], B [E, r, out], scale (alpha / r)
 
 
@@ -41,6 +47,16 @@ def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
         return True
     except (RuntimeError, NotImplementedError):
         return False
+
+
+def expert_path(rows: int, num_experts: int, device: torch.device, dtype: torch.dtype, packed: bool) -> str:
+    """How ``moe_experts`` runs ``rows`` (token, expert) pairs: "gathered" (a weight per pair; decode-sized batches
+    of packed weights or without a grouped GEMM), "grouped" (``torch._grouped_mm``) or "loop" (a matmul per hit
+    expert: the only path that reads group sizes on the host, which a CUDA graph cannot capture)."""
+    grouped = _grouped_mm_works(device, dtype)
+    if rows < num_experts and (packed or not grouped):
+        return "gathered"
+    return "grouped" if grouped else "loop"
 
 
 def grouped_matmul(
@@ -96,7 +112,8 @@ def moe_experts(
     """Mixture of experts over the chosen experts only.
 
     x [N, H]; expert_ids [N, k] long; expert_weights [N, k] (router softmax over the chosen k);
-    gate_up_proj [E, H, 2I] (or a callable returning it, e.g. an MXFP4 weight's dequantize), gate_up_proj_bias
+    gate_up_proj [E, H, 2I] (or a callable f(ids) returning experts ``ids``, all of them for None: an MXFP4
+    weight's dequantize), gate_up_proj_bias
     [E, 2I]; down_proj [E, I, H], down_proj_bias [E, H]. Returns [N, H] in x's dtype.
     ``gate_up_lora`` / ``down_lora``: optional per-expert LoRA (A [E, in, r], B [E, r, out], scale), so expert e
     computes x @ (W_e + scale * A_e @ B_e) without ever forming the sum; computed in x's dtype.
@@ -104,16 +121,21 @@ def moe_experts(
     """
     n, k = expert_ids.shape
     num_experts = gate_up_proj_bias.shape[0]
+    packed = callable(gate_up_proj) or callable(down_proj)
+    path = expert_path(n * k, num_experts, x.device, x.dtype, packed)
+    if path == "gathered":
+        return _gathered_experts(x, expert_ids, expert_weights, gate_up_proj, gate_up_proj_bias, down_proj,
+                                 down_proj_bias, alpha, limit, gate_up_lora, down_lora)  # fmt: skip
     flat_ids = expert_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
     sorted_ids = flat_ids[order]
     # Rows per expert without a host round trip (torch.bincount reads max(ids) on the host: a GPU sync per layer).
     counts = torch.searchsorted(sorted_ids, torch.arange(num_experts + 1, device=x.device)).diff()
-    counts_list = None if _grouped_mm_works(x.device, x.dtype) else counts.tolist()
+    counts_list = counts.tolist() if path == "loop" else None
     token_of = order // k
     xs = x[token_of]
-    w_gate_up = gate_up_proj() if callable(gate_up_proj) else gate_up_proj
-    w_down = down_proj() if callable(down_proj) else down_proj
+    w_gate_up = _weight(gate_up_proj, None)
+    w_down = _weight(down_proj, None)
     h = grouped_matmul(xs, w_gate_up.to(x.dtype), counts, counts_list) + gate_up_proj_bias[sorted_ids].to(x.dtype)
     if gate_up_lora is not None:
         h = h + grouped_lora(xs, gate_up_lora, counts, counts_list)
@@ -123,3 +145,33 @@ def moe_experts(
         y = y + grouped_lora(h, down_lora, counts, counts_list)
     unsorted = torch.empty_like(y).index_copy(0, order, y)  # back to (token, slot) order
     return (unsorted.view(n, k, -1) * expert_weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
+
+
+def _weight(w: Weight, ids: torch.Tensor | None) -> torch.Tensor:
+    if callable(w):
+        return w(ids)
+    return w if ids is None else w[ids]
+
+
+def _gathered_experts(
+    x, expert_ids, expert_weights, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, alpha, limit,
+    gate_up_lora, down_lora,
+) -> torch.Tensor:  # fmt: skip
+    """The same math with one weight per (token, expert) pair: W[ids] and a batched matmul, no sort, no host
+    reads. Reads (and for packed weights dequantizes) only the chosen experts."""
+    n, k = expert_ids.shape
+    ids = expert_ids.reshape(-1)
+    xs = x.unsqueeze(1).expand(n, k, x.shape[-1]).reshape(n * k, 1, x.shape[-1])  # [R, 1, H]
+
+    def lora(inputs: torch.Tensor, factors: LoraFactors) -> torch.Tensor:
+        a, b, scale = factors
+        return torch.bmm(torch.bmm(inputs, a[ids].to(x.dtype)), b[ids].to(x.dtype)) * scale
+
+    h = torch.bmm(xs, _weight(gate_up_proj, ids).to(x.dtype)) + gate_up_proj_bias[ids].to(x.dtype).unsqueeze(1)
+    if gate_up_lora is not None:
+        h = h + lora(xs, gate_up_lora)
+    h = swiglu_clamped(h, alpha, limit)
+    y = torch.bmm(h, _weight(down_proj, ids).to(x.dtype)) + down_proj_bias[ids].to(x.dtype).unsqueeze(1)
+    if down_lora is not None:
+        y = y + lora(h, down_lora)
+    return (y.view(n, k, -1) * expert_weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)

@@ -156,8 +156,8 @@ class Experts(nn.Module):
         self.register_module("down_lora", None)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
-        def weight(w: nn.Parameter | MXFP4Weight) -> torch.Tensor | Callable[[], torch.Tensor]:
-            return (lambda: w.dequantize(x.dtype)) if isinstance(w, MXFP4Weight) else w
+        def weight(w: nn.Parameter | MXFP4Weight) -> torch.Tensor | Callable[[torch.Tensor | None], torch.Tensor]:
+            return (lambda ids: w.dequantize(x.dtype, ids)) if isinstance(w, MXFP4Weight) else w
 
         return moe_experts(
             x, expert_ids, expert_weights, weight(self.gate_up_proj), self.gate_up_proj_bias,

@@ -9,6 +9,8 @@ W^T [E, in, out] (tokens @ weight), so ``dequantize`` returns that layout.
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 from torch import nn
 
@@ -23,12 +25,20 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
         raise ValueError(f"MXFP4 blocks and scales must be uint8; got {blocks.dtype}, {scales.dtype}")
     if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BLOCK // 2:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    lut = _fp4_values(blocks.device)
     values = torch.stack((lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]), dim=-1)  # low nibble first
     values = values.flatten(-2)  # [..., G, 32]
     exponents = scales.to(torch.int32) - 127
     out = torch.ldexp(values, exponents.unsqueeze(-1).float())
     return out.flatten(-2).to(dtype)
+
+
+@cache
+def _fp4_values(device: torch.device) -> torch.Tensor:
+    """The E2M1 table on ``device``, made once: a host-to-device copy per call would break CUDA graph capture.
+    A normal tensor even when first made under inference mode (it is cached for every later caller)."""
+    with torch.inference_mode(False):
+        return torch.tensor(FP4_VALUES, dtype=torch.float32, device=device)
 
 
 def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,8 +89,11 @@ class MXFP4Weight(nn.Module):
         e, out, g, _ = self.blocks.shape
         return torch.Size((e, g * BLOCK, out))
 
-    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        return dequantize_mxfp4(self.blocks, self.scales, dtype).transpose(1, 2)
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16, experts: torch.Tensor | None = None) -> torch.Tensor:
+        """W^T [E, in, out]; with ``experts`` (ids [R]) only those, [R, in, out] (repeats allowed)."""
+        if experts is None:
+            return dequantize_mxfp4(self.blocks, self.scales, dtype).transpose(1, 2)
+        return dequantize_mxfp4(self.blocks[experts], self.scales[experts], dtype).transpose(1, 2)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.shape)}, mxfp4"

@@ -106,6 +106,7 @@ class Engine:
         self.max_model_len = max_model_len or model.config.max_position_embeddings
         self.cuda_graphs = cuda_graphs
         self._graphs: DecodeGraphs | None = None
+        self.graph_buckets: dict[int, bool] = {}  # last generate call: decode bucket -> captured in a CUDA graph
         self.harmony = None
         self._cache: PagedKVCache | None = None
         if tokenizer is not None:
@@ -172,6 +173,7 @@ class Engine:
                 elif not queue and not waiting_tools and running:
                     raise RuntimeError("rollout engine: running sequences with nothing to feed")  # a bug, not input
         finally:
+            self.graph_buckets = self._graphs.captured if self._graphs is not None else {}
             self._cache = self._graphs = None  # the cache's memory goes back (the trainer needs it between rollouts)
             if runner is not None:
                 runner.close()

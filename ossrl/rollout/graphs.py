@@ -11,6 +11,10 @@ Page tables have a fixed width for the whole ``generate`` call (the longest sequ
 bounds the decode kernel's grid. The graphs belong to one cache and one SamplingParams, so they live as long as one
 ``generate`` call. On CPU the same fixed-buffer step runs without capture (``capture=False``): that is how the CPU
 tests check the padding and buffer logic against the plain step.
+
+A graph cannot hold a step that reads GPU values on the host. ``capture_problem`` says when a bucket's step would
+(the MoE's loop path, e.g. fp32 on CUDA at larger batches; attention without its Triton kernel); such a bucket runs
+the same fixed-buffer step uncaptured, with one warning.
 """
 
 from __future__ import annotations
@@ -20,7 +24,11 @@ from typing import Any
 
 import torch
 
+from ossrl.kernels import warn_once
+from ossrl.kernels.decode_ref import triton_decode_problem
+from ossrl.kernels.moe import expert_path
 from ossrl.model.gpt_oss import GptOss, PackedBatch
+from ossrl.model.mxfp4 import MXFP4Weight
 from ossrl.rollout.kv_cache import CacheStep, PagedKVCache, SequencePages, plan_step
 from ossrl.rollout.sampling import SamplingParams, sample_tokens
 
@@ -32,6 +40,22 @@ def buckets(max_batch: int) -> list[int]:
         sizes.append(b)
         b *= 2
     return [*sizes, max_batch]
+
+
+def capture_problem(model: GptOss, batch: int) -> str | None:
+    """Why the decode step of ``batch`` rows cannot be captured in a CUDA graph (None: it can)."""
+    config, device, dtype = model.config, model.device, model.dtype
+    problem = triton_decode_problem(dtype, config.head_dim)
+    if problem:
+        return f"attention: {problem}"
+    rows = batch * config.num_experts_per_tok
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        packed = isinstance(experts.gate_up_proj, MXFP4Weight) or isinstance(experts.down_proj, MXFP4Weight)
+        if expert_path(rows, config.num_local_experts, device, dtype, packed) == "loop":
+            return (f"MoE: no grouped GEMM for {dtype} on {device.type}, and {rows} (token, expert) pairs are too "
+                    "many to gather")  # fmt: skip
+    return None
 
 
 class StaticDecodeStep(CacheStep):
@@ -100,6 +124,11 @@ class DecodeGraphs:
         self.entries: dict[int, _Entry] = {}
         self.pool = None  # one CUDA memory pool shared by all the graphs of this call
 
+    @property
+    def captured(self) -> dict[int, bool]:
+        """Bucket -> whether its step was captured in a graph (only buckets used so far)."""
+        return {bucket: entry.graph is not None for bucket, entry in sorted(self.entries.items())}
+
     def fits(self, batch: int) -> bool:
         return batch <= self.sizes[-1]
 
@@ -112,7 +141,11 @@ class DecodeGraphs:
         if bucket in self.entries:
             return self.entries[bucket]
         step = StaticDecodeStep(self.cache, bucket, self.width)
-        if not self.capture:  # nothing runs until load() has filled the buffers (zeros point at live pages)
+        problem = capture_problem(self.model, bucket) if self.capture else None
+        if problem:
+            warn_once("decode_graphs", f"CUDA graphs: decode steps of {bucket}+ sequences run uncaptured "
+                      f"({problem})")  # fmt: skip
+        if problem or not self.capture:  # nothing runs until load() has filled the buffers (zeros: live pages)
             entry = _Entry(step, torch.empty(0), torch.empty(0))
         else:  # warm up on a side stream (allocator, autotuning), then capture; padding rows only touch scratch
             step.full_table.fill_(self.cache.scratch[False])

@@ -1,0 +1,207 @@
+"""CUDA-graph decode steps (``ossrl.rollout.graphs``): the fixed-buffer step samples what the plain step samples
+(CPU, no capture), a step that can be captured never reads GPU values on the host (checked on CPU by watching every
+op it dispatches), and on a GPU the replayed graphs give the same samples as the same steps run uncaptured."""
+
+import copy
+
+import pytest
+import torch
+from rollout_helpers import prompts, scripted_policy
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ossrl.harmony import Message, render_completion, render_conversation
+from ossrl.model import GptOss
+from ossrl.model.lora import ALL_TARGETS, LoraConfig, apply_lora
+from ossrl.model.mxfp4 import MXFP4Weight
+from ossrl.rollout import Engine, Request, SamplingParams, graphs
+
+aten = torch.ops.aten
+# Ops that on CUDA wait for the GPU (their output shape or a Python value depends on GPU data) or copy host data to
+# it: a CUDA graph cannot capture any of them.
+HOST_OPS = {aten._local_scalar_dense.default, aten.item.default, aten.nonzero.default, aten.masked_select.default,
+            aten.lift_fresh.default, aten.bincount.default, aten._unique2.default, aten.unique_dim.default,
+            aten.unique_consecutive.default, aten.equal.default, aten.is_nonzero.default}  # fmt: skip
+
+
+class HostReads(TorchDispatchMode):
+    """Records every op that would read the GPU on the host (plus ``Tensor.tolist``, which bypasses dispatch),
+    with the innermost ossrl frame that issued it. ``paused`` lets an opaque kernel call through unwatched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+        self.paused = False
+
+    def _record(self, what: str) -> None:
+        import traceback
+
+        frames = [f for f in traceback.extract_stack() if "/ossrl/" in f.filename]
+        where = f"{frames[-1].filename.split('/ossrl/')[-1]}:{frames[-1].lineno}" if frames else "?"
+        self.seen.append(f"{what} at {where}")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.paused:
+            boolean_index = func is aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
+            sized = func.overloadpacket is aten.repeat_interleave and kwargs.get("output_size") is None
+            if func in HOST_OPS or boolean_index or (sized and len(args) and args[0].dtype != torch.bool):
+                self._record(str(func))
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        self._tolist = torch.Tensor.tolist
+        mode = self
+
+        def tolist(tensor):
+            if not mode.paused:
+                mode._record("Tensor.tolist")
+            return mode._tolist(tensor)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+
+def test_host_reads_sees_what_a_graph_cannot_capture():
+    x = torch.arange(6.0)
+    with HostReads() as reads:
+        x.sum().item()
+        x.tolist()
+        x[x > 2]
+        torch.tensor([1, 2])
+        (x * 2).sort()
+    assert [r.split(" at ")[0] for r in reads.seen] == [
+        "aten._local_scalar_dense.default", "Tensor.tolist", "aten.index.Tensor", "aten.lift_fresh.default"
+    ]  # fmt: skip
+
+
+def with_mxfp4_experts(model: GptOss) -> GptOss:
+    packed = copy.deepcopy(model)
+    for layer in packed.model.layers:
+        experts = layer.mlp.experts
+        for name in ("gate_up_proj", "down_proj"):
+            weight = MXFP4Weight.from_dense(getattr(experts, name).detach())
+            delattr(experts, name)
+            experts.add_module(name, weight)
+    return packed
+
+
+@pytest.mark.parametrize("moe", ["grouped", "mxfp4", "loop"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_capturable_decode_steps_never_read_the_gpu_on_the_host(tiny, moe, temperature, monkeypatch):
+    """Each bucket's step runs once as the graphs' warm-up does, then under ``HostReads``: a bucket that
+    ``capture_problem`` passes must show no host read (LoRA on every target, top-k/top-p/min-p sampling); one it
+    refuses (the MoE loop path reads group sizes) must show one, so the check can fail."""
+    model, tokenizer = tiny
+    model = with_mxfp4_experts(model) if moe == "mxfp4" else copy.deepcopy(model)
+    apply_lora(model, LoraConfig(r=4, targets=ALL_TARGETS), generator=torch.Generator().manual_seed(0))
+    if moe != "loop":  # the CUDA bf16 path: one grouped GEMM (torch._grouped_mm runs on CPU too)
+        monkeypatch.setattr("ossrl.kernels.moe._grouped_mm_works", lambda device, dtype: True)
+    reads = HostReads()
+    original_attention = graphs.CacheStep.attend
+
+    def attend(self, *args):  # attention is the Triton kernel on a GPU, capture-checked there; here it is opaque
+        reads.paused = True
+        try:
+            return original_attention(self, *args)
+        finally:
+            reads.paused = False
+
+    monkeypatch.setattr(graphs.CacheStep, "attend", attend)
+    original_run, warmed, checked = graphs.DecodeGraphs._run, set(), {}
+
+    def run(self, step):
+        if step.batch not in warmed:  # warm-up: first-use caches (tables on the device, Triton compiles) fill here
+            warmed.add(step.batch)
+            return original_run(self, step)
+        reads.seen.clear()
+        with reads:
+            out = original_run(self, step)
+        checked[step.batch] = (graphs.capture_problem(self.model, step.batch), list(reads.seen))
+        return out
+
+    monkeypatch.setattr(graphs.DecodeGraphs, "_run", run)
+    engine = Engine(model, tokenizer, kv_cache_tokens=2048, page_size=4, max_num_seqs=8, cuda_graphs=True)
+    sampling = SamplingParams(temperature=temperature, top_k=50, top_p=0.9, min_p=0.01, max_new_tokens=6,
+                              stop_token_ids=[])  # fmt: skip
+    for n in (1, 3, 6):  # buckets 1, 4 and 8
+        engine.generate([Request(p) for p in prompts(n)], sampling)
+    assert sorted(checked) == [1, 4, 8]
+    for bucket, (problem, seen) in checked.items():
+        if problem is None:
+            assert not seen, f"bucket {bucket} would be captured but reads the GPU on the host: {seen}"
+        else:
+            assert seen and moe == "loop", (bucket, problem)
+    assert (checked[8][0] is None) == (moe != "loop")  # 16 (token, expert) pairs: too many to gather
+    assert checked[1][0] is None  # 2 pairs < 8 experts: gathered, whatever the weights
+
+
+def test_fixed_buffer_decode_step_gives_the_same_samples(tiny, monkeypatch):
+    """cuda_graphs=True on CPU runs the graphs' fixed-buffer step without capture: bucketed batches padded with
+    scratch-page rows must sample exactly what the plain step samples, tool turns included."""
+    from ossrl.rollout import graphs
+
+    model, tokenizer = tiny
+    padded_steps = []
+    original = graphs.StaticDecodeStep.load
+
+    def spy(self, seqs, *args):
+        padded_steps.append(self.batch - len(seqs))
+        return original(self, seqs, *args)
+
+    monkeypatch.setattr(graphs.StaticDecodeStep, "load", spy)
+    requests = [Request(p, n=2) for p in prompts(5)]
+    calls = render_completion([Message.tool_call("add", {"a": 2, "b": 3})], tokenizer)
+    tools = {"add": lambda a, b: a + b}
+    for temperature in (0.0, 1.0):
+        sampling = SamplingParams(temperature=temperature, max_new_tokens=24, seed=5, stop_token_ids=[])
+        plain = Engine(model, tokenizer, kv_cache_tokens=2048, page_size=4).generate(requests, sampling)
+        fixed = Engine(model, tokenizer, kv_cache_tokens=2048, page_size=4, max_num_seqs=7, cuda_graphs=True)
+        for a, b in zip(plain, fixed.generate(requests, sampling), strict=True):
+            for x, y in zip(a, b, strict=True):
+                assert x.token_ids == y.token_ids and x.finish_reason == y.finish_reason
+                assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs, strict=True)) < 1e-5
+    assert padded_steps and max(padded_steps) > 0 and min(padded_steps) == 0  # buckets 1, 2, 4, 7: some padding
+    # a tool turn: the tool result goes through the plain step (several tokens), decoding through the fixed one
+    script = [*calls, *render_completion([Message.final("5")], tokenizer)]
+    prompt = render_conversation([Message.user("2+3?")], tokenizer)
+    sampling = SamplingParams(temperature=0, max_new_tokens=80, max_turns=3)
+    want = Engine(scripted_policy(model, script), tokenizer).generate([Request(prompt)], sampling, tools=tools)[0][0]
+    fixed = Engine(scripted_policy(model, script), tokenizer, cuda_graphs=True)
+    got = fixed.generate([Request(prompt)], sampling, tools=tools)[0][0]
+    assert got.token_ids == want.token_ids and got.loss_mask == want.loss_mask and got.num_tool_calls == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs_replay_the_same_samples(tiny, dtype, monkeypatch):
+    """Replayed graphs run the kernels the same step runs uncaptured, so samples and log-probs match exactly; in
+    fp32 they also match the plain (unpadded) step's samples."""
+    model, tokenizer = tiny
+    gpu = GptOss.from_config(model.config, device="cuda", dtype=dtype, seed=None)
+    gpu.load_state_dict(model.state_dict())  # copies into each parameter's dtype (norms and sinks stay fp32)
+    gpu.eval()
+    requests = [Request(p, n=2) for p in prompts(5)]
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=40, seed=7, stop_token_ids=[])
+    engine = Engine(gpu, tokenizer, kv_cache_tokens=4096, max_num_seqs=7, cuda_graphs=True)
+    graphed = engine.generate(requests, sampling)
+    assert any(engine.graph_buckets.values()), engine.graph_buckets
+    if dtype == torch.bfloat16:
+        assert all(engine.graph_buckets.values()), engine.graph_buckets
+    with monkeypatch.context() as m:
+        m.setattr(graphs, "capture_problem", lambda model, batch: "this test: uncaptured")
+        uncaptured = engine.generate(requests, sampling)
+    assert not any(engine.graph_buckets.values())
+    for a, b in zip(graphed, uncaptured, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert x.token_ids == y.token_ids and x.logprobs == y.logprobs
+    if dtype == torch.float32:
+        plain = Engine(gpu, tokenizer, kv_cache_tokens=4096, max_num_seqs=7).generate(requests, sampling)
+        for a, b in zip(plain, graphed, strict=True):
+            for x, y in zip(a, b, strict=True):
+                assert x.token_ids == y.token_ids
+                assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs, strict=True)) < 1e-4
