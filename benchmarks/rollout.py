@@ -66,18 +66,18 @@ def timed(fn) -> tuple[float, Any]:
 
 
 # ---- ours ------------------------------------------------------------------------------------------------------
-def make_engine(
-    model: GptOss, batch: int, prompt_len: int, new_tokens: int, page: int = 16, cuda_graphs: bool = False
-) -> Engine:
+def make_engine(model: GptOss, batch: int, prompt_len: int, new_tokens: int, page: int = 16, **options: bool) -> Engine:
+    """``options``: Engine's ``cuda_graphs`` / ``torch_compile``."""
     tokens = -(-(prompt_len + new_tokens) // page) * page  # whole pages per sequence
-    return Engine(model, page_size=page, kv_cache_tokens=batch * tokens, max_num_seqs=batch, cuda_graphs=cuda_graphs)
+    return Engine(model, page_size=page, kv_cache_tokens=batch * tokens, max_num_seqs=batch, **options)
 
 
 def bench_ours(
-    model: GptOss, batch: int, prompts: list[list[int]], new_tokens: int, cuda_graphs: bool = False
+    model: GptOss, batch: int, prompts: list[list[int]], new_tokens: int, **options: bool
 ) -> tuple[dict, list]:
-    """Tokens/s of one generate call (graphs, when on, are captured inside the timed call, as in real use)."""
-    engine = make_engine(model, batch, len(prompts[0]), new_tokens, cuda_graphs=cuda_graphs)
+    """Tokens/s of one generate call (graphs, when on, are captured inside the timed call, as in real use;
+    torch.compile compiles in the warm-up call, once per bucket per process)."""
+    engine = make_engine(model, batch, len(prompts[0]), new_tokens, **options)
     requests = [Request(p) for p in prompts[:batch]]
     engine.generate(requests, sampling(4))  # warm-up: Triton compiles for this batch's shapes
     t1, _ = timed(lambda: engine.generate(requests, sampling(1)))
@@ -87,11 +87,14 @@ def bench_ours(
     short = [c for c in completions if len(c.token_ids) != new_tokens]
     assert not short, f"a sequence stopped early: {short[0].finish_reason} {short[0].error}"
     step = (seconds - t1) / max(1, new_tokens - 1)
-    return {
+    row = {
         "seconds": seconds, "tokens_per_s": batch * new_tokens / seconds, "prefill_plus_1_token_seconds": t1,
         "decode_ms_per_step": 1e3 * step, "decode_tokens_per_s": batch / step if step > 0 else None,
         "peak_gib": peak_memory_gib(),
-    }, completions  # fmt: skip
+    }  # fmt: skip
+    if options:  # decode bucket -> whether it was captured in a CUDA graph
+        row["graph_buckets_captured"] = {str(k): v for k, v in engine.graph_buckets.items()}
+    return row, completions
 
 
 def trainer_logprobs(model: GptOss, prompts, completions, temperature: float, packed: bool = True) -> list:
@@ -357,6 +360,11 @@ def main() -> None:
     parser.add_argument("--no-graph-probe", dest="graph_probe", action="store_false")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="skip the run of ours with Engine(cuda_graphs=True)")  # fmt: skip
+    parser.add_argument(
+        "--torch-compile",
+        action="store_true",
+        help="also ours with Engine(cuda_graphs=True, torch_compile=True) (compiles once per batch)",
+    )
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="tiny random config (smoke test)")
     parser.add_argument("--out", default="bench_results")
@@ -396,16 +404,22 @@ def main() -> None:
             mismatch_done = True
         del completions
         save()
-    if args.cuda_graphs and device == "cuda":
-        results["ours_cuda_graphs"] = {}
+    variants = {"ours_cuda_graphs": {"cuda_graphs": True}}
+    if args.torch_compile:
+        variants["ours_compiled_cuda_graphs"] = {"cuda_graphs": True, "torch_compile": True}
+    for name, options in variants.items() if args.cuda_graphs and (device == "cuda" or args.tiny) else ():
+        results[name] = {}
         for b in args.batches:
-            row, graphed = bench_ours(model, b, prompts, args.new_tokens, cuda_graphs=True)
-            eager = make_engine(model, b, args.prompt_len, 32).generate([Request(p) for p in prompts[:b]], sampling(32))
-            row["same_first_32_tokens_as_eager"] = sum(
-                g.token_ids[:32] == e[0].token_ids for g, e in zip(graphed, eager, strict=True)
+            row, graphed = bench_ours(model, b, prompts, args.new_tokens, **options)
+            n = min(32, args.new_tokens)
+            eager = make_engine(model, b, args.prompt_len, n).generate([Request(p) for p in prompts[:b]], sampling(n))
+            row[f"same_first_{n}_tokens_as_eager"] = sum(
+                g.token_ids[:n] == e[0].token_ids for g, e in zip(graphed, eager, strict=True)
             ) / b  # fmt: skip
-            results["ours_cuda_graphs"][str(b)] = row
-            print(f"ours + CUDA graphs, batch {b}: {row}", flush=True)
+            if b == args.mismatch_batch:  # the trainer against what the graphed (and compiled) step sampled
+                row["logprob_mismatch"] = logprob_mismatch(model, prompts[:b], graphed, 1.0)
+            results[name][str(b)] = row
+            print(f"{name}, batch {b}: {row}", flush=True)
             del graphed, eager
             save()
     if not mismatch_done:

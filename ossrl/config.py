@@ -52,6 +52,7 @@ class RolloutSettings:
     max_num_seqs: int = 256
     kv_cache_tokens: int | None = None
     cuda_graphs: bool = False  # decode steps replayed from CUDA graphs (ossrl.rollout.graphs); opt-in for now
+    torch_compile: bool = False  # the decode step through torch.compile, one compile per batch bucket; opt-in
 
 
 @dataclass

@@ -14,7 +14,6 @@ capture it; ``expert_path`` says which path a batch takes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +34,17 @@ def swiglu_clamped(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.T
     return gate * torch.sigmoid(alpha * gate) * (linear + 1)
 
 
-@cache
+_GROUPED_MM_WORKS: dict[tuple[torch.device, torch.dtype], bool] = {}
+
+
+@torch.compiler.assume_constant_result  # a torch.compile trace takes the answer, never traces the probe
 def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    if (device, dtype) not in _GROUPED_MM_WORKS:
+        _GROUPED_MM_WORKS[device, dtype] = _probe_grouped_mm(device, dtype)
+    return _GROUPED_MM_WORKS[device, dtype]
+
+
+def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
     grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
     if grouped_mm is None or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return False

@@ -82,7 +82,8 @@ class Engine:
     the tokens of one prefill forward. ``tokenizer`` (with Harmony tokens) is needed for tool calls and supplies
     the default stop tokens. ``cuda_graphs=True``: decode steps run from fixed-size buffers, replayed from CUDA
     graphs on a GPU (``ossrl.rollout.graphs``); on CPU the fixed-buffer step runs without capture. Off by default
-    until it has been measured on a GPU.
+    until it has been measured on a GPU. ``torch_compile=True`` (or a backend name) compiles that step with
+    ``torch.compile`` (one compile per batch bucket; with ``cuda_graphs`` the graphs capture the compiled step).
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class Engine:
         max_prefill_tokens: int = 16384,
         max_model_len: int | None = None,
         cuda_graphs: bool = False,
+        torch_compile: bool | str = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -105,6 +107,7 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.max_model_len = max_model_len or model.config.max_position_embeddings
         self.cuda_graphs = cuda_graphs
+        self.compile_backend = ("inductor" if torch_compile is True else torch_compile) or None
         self._graphs: DecodeGraphs | None = None
         self.graph_buckets: dict[int, bool] = {}  # last generate call: decode bucket -> captured in a CUDA graph
         self.harmony = None
@@ -149,11 +152,12 @@ class Engine:
                 queue.append(i)
         running: list[_Seq] = []
         waiting_tools: dict[int, _Seq] = {}
-        if self.cuda_graphs and queue:
+        if (self.cuda_graphs or self.compile_backend) and queue:  # both run the fixed-buffer decode step
             longest = max(min(len(requests[i].prompt_ids) + reserve, self.max_model_len) for i in queue)
             self._graphs = DecodeGraphs(self.model, cache, sampling, max_batch=self.max_num_seqs,
                                         width=cache.pages_for(longest, self.page_size),
-                                        capture=self.model.device.type == "cuda")  # fmt: skip
+                                        capture=self.cuda_graphs and self.model.device.type == "cuda",
+                                        compile_backend=self.compile_backend)  # fmt: skip
         try:
             while queue or running or waiting_tools:
                 admitted = self._admit(queue, requests, running, cache, reserve, max_chunk, sampling)

@@ -15,10 +15,16 @@ tests check the padding and buffer logic against the plain step.
 A graph cannot hold a step that reads GPU values on the host. ``capture_problem`` says when a bucket's step would
 (the MoE's loop path, e.g. fp32 on CUDA at larger batches; attention without its Triton kernel); such a bucket runs
 the same fixed-buffer step uncaptured, with one warning.
+
+``compile_backend`` (``Engine(torch_compile=True)``) runs each such bucket's step through ``torch.compile`` first
+(static shapes, one compile per bucket; on CUDA the compiled step is what the graph captures), which fuses the
+small elementwise ops (norms, rotary, SwiGLU, routing, sampling) between the matmuls. Attention (the cache write and
+the paged kernel) is left out of the trace and runs as it is.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +35,7 @@ from ossrl.kernels.decode_ref import triton_decode_problem
 from ossrl.kernels.moe import expert_path
 from ossrl.model.gpt_oss import GptOss, PackedBatch
 from ossrl.model.mxfp4 import MXFP4Weight
-from ossrl.rollout.kv_cache import CacheStep, PagedKVCache, SequencePages, plan_step
+from ossrl.rollout.kv_cache import CacheStep, PagedKVCache, SequencePages, cached_decode_attention, plan_step
 from ossrl.rollout.sampling import SamplingParams, sample_tokens
 
 
@@ -78,6 +84,17 @@ class StaticDecodeStep(CacheStep):
         self.has_sliding = cache.sliding_pool.num_pages > 0
         self.has_full = not all(cache.sliding)
 
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, window: int | None
+    ) -> torch.Tensor:
+        """``CacheStep.attend`` for one token per row, as one custom op (a ``torch.compile`` trace runs through)."""
+        sliding = self.cache.sliding[layer_idx]
+        return cached_decode_attention(
+            q, k, v, sinks, self.cache.k[layer_idx], self.cache.v[layer_idx],
+            self.sliding_slots if sliding else self.full_slots, self.sliding_table if sliding else self.full_table,
+            self.seq_lens, self.cu_q_lens, window or 0,
+        )  # fmt: skip
+
     def load(self, seqs: list[SequencePages], ids: list[int], seeds: list[int], sample_positions: list[int]) -> None:
         """Plan the step for ``seqs`` (one new token each) and copy it, padded to the bucket, into the buffers."""
         b, pad, page = len(seqs), self.batch - len(seqs), self.cache.page_size
@@ -107,6 +124,7 @@ class StaticDecodeStep(CacheStep):
 @dataclass
 class _Entry:
     step: StaticDecodeStep
+    run: Callable[[StaticDecodeStep], tuple[torch.Tensor, torch.Tensor]]
     tokens: torch.Tensor
     logprobs: torch.Tensor
     graph: Any = None  # torch.cuda.CUDAGraph when captured
@@ -117,12 +135,26 @@ class DecodeGraphs:
     first time a bucket is needed)."""
 
     def __init__(
-        self, model: GptOss, cache: PagedKVCache, sampling: SamplingParams, *, max_batch: int, width: int, capture: bool
+        self,
+        model: GptOss,
+        cache: PagedKVCache,
+        sampling: SamplingParams,
+        *,
+        max_batch: int,
+        width: int,
+        capture: bool,
+        compile_backend: str | None = None,
     ) -> None:
         self.model, self.cache, self.sampling, self.width, self.capture = model, cache, sampling, width, capture
+        self.compiled = None if compile_backend is None else torch.compile(self._run, backend=compile_backend,
+                                                                           dynamic=False)  # fmt: skip
         self.sizes = buckets(max_batch)
         self.entries: dict[int, _Entry] = {}
         self.pool = None  # one CUDA memory pool shared by all the graphs of this call
+
+    def _run_compiled(self, step: StaticDecodeStep) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch._dynamo.config.patch(**_recompile_limits(4 * len(self.sizes))):  # a compile per bucket, not 8
+            return self.compiled(step)
 
     @property
     def captured(self) -> dict[int, bool]:
@@ -141,12 +173,13 @@ class DecodeGraphs:
         if bucket in self.entries:
             return self.entries[bucket]
         step = StaticDecodeStep(self.cache, bucket, self.width)
-        problem = capture_problem(self.model, bucket) if self.capture else None
-        if problem:
-            warn_once("decode_graphs", f"CUDA graphs: decode steps of {bucket}+ sequences run uncaptured "
-                      f"({problem})")  # fmt: skip
+        problem = capture_problem(self.model, bucket) if self.capture or self.compiled else None
+        if problem:  # what a graph cannot capture, a compile would specialize on (a recompile per step)
+            warn_once("decode_graphs", f"CUDA graphs / torch.compile: decode steps of {bucket}+ sequences run "
+                      f"uncaptured and uncompiled ({problem})")  # fmt: skip
+        run = self._run_compiled if self.compiled is not None and problem is None else self._run
         if problem or not self.capture:  # nothing runs until load() has filled the buffers (zeros: live pages)
-            entry = _Entry(step, torch.empty(0), torch.empty(0))
+            entry = _Entry(step, run, torch.empty(0), torch.empty(0))
         else:  # warm up on a side stream (allocator, autotuning), then capture; padding rows only touch scratch
             step.full_table.fill_(self.cache.scratch[False])
             step.sliding_table.fill_(self.cache.scratch[True])
@@ -157,13 +190,13 @@ class DecodeGraphs:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._run(step)
+                    run(step)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                tokens, logprobs = self._run(step)
+                tokens, logprobs = run(step)
             self.pool = graph.pool()
-            entry = _Entry(step, tokens, logprobs, graph)
+            entry = _Entry(step, run, tokens, logprobs, graph)
         self.entries[bucket] = entry
         return entry
 
@@ -179,6 +212,13 @@ class DecodeGraphs:
             entry.graph.replay()
             tokens, logprobs = entry.tokens, entry.logprobs
         else:
-            tokens, logprobs = self._run(entry.step)
+            tokens, logprobs = entry.run(entry.step)
         entry.step.finish(pages, [1] * b)
         return tokens[:b].tolist(), logprobs[:b].tolist()
+
+
+def _recompile_limits(limit: int) -> dict[str, int]:
+    """Dynamo's per-function recompile limit (default 8) under the names this torch version has."""
+    names = ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit")
+    return {name: max(limit, getattr(torch._dynamo.config, name)) for name in names
+            if hasattr(torch._dynamo.config, name)}  # fmt: skip

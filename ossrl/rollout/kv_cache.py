@@ -289,3 +289,31 @@ class CacheStep:
         for seq, n in zip(seqs, q_lens, strict=True):
             seq.cached_len += n
             self.cache.trim(seq)
+
+
+@torch.library.custom_op("ossrl::cached_decode_attention", mutates_args=("k_cache", "v_cache"))
+def cached_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sinks: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_q_lens: torch.Tensor,
+    window: int,
+) -> torch.Tensor:
+    """One decode token per sequence: store k/v [B, Hkv, D] at ``slots`` of the flattened cache, then attend over
+    the pages (``window`` 0 = full attention). One opaque op for ``torch.compile``: the trace neither breaks at
+    attention nor copies the cache it writes."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+    return paged_decode_attention(q, k_cache, v_cache, page_table, seq_lens, cu_q_lens, 1, sinks,
+                                  window=window or None, check_values=False)  # fmt: skip
+
+
+@cached_decode_attention.register_fake
+def _(q, k, v, sinks, k_cache, v_cache, slots, page_table, seq_lens, cu_q_lens, window):
+    return torch.empty_like(q)

@@ -57,7 +57,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.engine = Engine(self.model, self.tokenizer, max_num_seqs=config.rollout.max_num_seqs,
                              kv_cache_tokens=config.rollout.kv_cache_tokens,
-                             cuda_graphs=config.rollout.cuda_graphs)  # fmt: skip
+                             cuda_graphs=config.rollout.cuda_graphs,
+                             torch_compile=config.rollout.torch_compile)  # fmt: skip
         self.rows = self.task.rows("train")
         self.order: list[int] = []
         self._order_epoch = -1
