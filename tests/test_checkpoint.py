@@ -38,6 +38,22 @@ def test_mxfp4_decodes_low_nibble_first_with_e8m0_scales():
     assert dense[0, 2:].abs().sum() == 0
 
 
+def test_mxfp4_dequantizes_every_byte_at_every_scale_exactly():
+    from ossrl.model.mxfp4 import FP4_VALUES
+
+    byte = torch.arange(256, dtype=torch.uint8)
+    blocks = byte.view(16, 1, 16).repeat(256, 1, 1, 1)  # per scale: 16 rows of one block, all 256 bytes
+    scales = torch.arange(256, dtype=torch.uint8).view(256, 1, 1).expand(256, 16, 1).contiguous()
+    dense = dequantize_mxfp4(blocks, scales, torch.float32).view(256, 256, 2)  # [scale, byte, nibble]
+    table = torch.tensor(FP4_VALUES)
+    want = torch.stack((table[byte.long() & 15], table[byte.long() >> 4]), -1)
+    want = torch.ldexp(want.unsqueeze(0), torch.arange(-127.0, 129.0).view(256, 1, 1))
+    exact = dict(rtol=0, atol=0, equal_nan=True)  # scale 255 (NaN in E8M0) gives inf, and 0 * inf = NaN
+    torch.testing.assert_close(dense, want, **exact)
+    bf16 = dequantize_mxfp4(blocks, scales, torch.bfloat16)
+    torch.testing.assert_close(bf16, want.to(torch.bfloat16).view(256, 16, 32), **exact)
+
+
 def test_mxfp4_matches_transformers_dequantization():
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 

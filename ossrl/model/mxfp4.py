@@ -25,20 +25,25 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
         raise ValueError(f"MXFP4 blocks and scales must be uint8; got {blocks.dtype}, {scales.dtype}")
     if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BLOCK // 2:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
-    lut = _fp4_values(blocks.device)
-    values = torch.stack((lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]), dim=-1)  # low nibble first
-    values = values.flatten(-2)  # [..., G, 32]
-    exponents = scales.to(torch.int32) - 127
-    out = torch.ldexp(values, exponents.unsqueeze(-1).float())
-    return out.flatten(-2).to(dtype)
+    pairs = torch.index_select(_byte_values(blocks.device), 0, blocks.flatten().int())  # [N, 2]: low, high nibble
+    values = pairs.view(*blocks.shape[:-1], BLOCK) * _powers_of_two(scales).unsqueeze(-1)  # exact in fp32
+    return values.flatten(-2).to(dtype)
+
+
+def _powers_of_two(scales: torch.Tensor) -> torch.Tensor:
+    """E8M0 scales -> 2**(s - 127) in fp32, built from the bits (exact on every device, unlike exp2): exponent
+    field s for s >= 1, the subnormal 2**-127 for s = 0; 255 gives inf."""
+    exponent = scales.to(torch.int32)
+    return torch.where(exponent > 0, exponent << 23, 1 << 22).view(torch.float32)
 
 
 @cache
-def _fp4_values(device: torch.device) -> torch.Tensor:
-    """The E2M1 table on ``device``, made once: a host-to-device copy per call would break CUDA graph capture.
-    A normal tensor even when first made under inference mode (it is cached for every later caller)."""
+def _byte_values(device: torch.device) -> torch.Tensor:
+    """[256, 2] fp32: a byte's two E2M1 values, low nibble first. Made once per device (a host-to-device copy per
+    call would break CUDA graph capture), and a normal tensor even when first made under inference mode."""
     with torch.inference_mode(False):
-        return torch.tensor(FP4_VALUES, dtype=torch.float32, device=device)
+        values = torch.tensor(FP4_VALUES, dtype=torch.float32)
+        return torch.stack((values.repeat(16), values.repeat_interleave(16)), dim=-1).to(device)
 
 
 def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
