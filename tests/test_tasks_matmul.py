@@ -143,7 +143,7 @@ def test_broken_submissions():
 
 
 def test_correct_submissions_and_speed():
-    task = get_task("matmul", size=48, rounds=2, repeats=2, workers=1)
+    task = get_task("matmul", size=64, rounds=2, repeats=3, workers=1)  # big enough that noise cannot hide 1.2x
     naive, fast = f"```python\n{NAIVE}```", f"Sure.\n\n```python\n{FAST}```\nIt transposes B once."
     out = task.score([{"id": 0}, {"id": 1}], [naive, fast])
     assert out.values["parses"] == out.values["runs"] == out.values["correct"] == [1.0, 1.0]
@@ -151,7 +151,7 @@ def test_correct_submissions_and_speed():
     ev_naive, ev_fast = (task.evaluate(task.parse(c)) for c in (naive, fast))
     assert 0.5 < ev_naive.speedup < 1.6  # the baseline against itself
     assert ev_fast.speedup > 1.2 and out.values["fast"][1] > 0.0
-    assert len(ev_fast.times_s) == len(ev_fast.baseline_times_s) == 4
+    assert len(ev_fast.times_s) == len(ev_fast.baseline_times_s) == 6  # rounds x repeats
 
 
 def test_prompt_code_extraction_and_options():
