@@ -111,6 +111,21 @@ def test_kernel_matches_references(case: Case, device: str, dtype: torch.dtype) 
         assert rel_err(out[cu_q[b] : cu_q[b + 1]], full.float()) < TOLERANCE[dtype]
 
 
+@needs_interpreter
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=str)
+def test_grid_sized_for_graph_capture_gives_the_same_result(case: Case, monkeypatch) -> None:
+    """Under CUDA graph capture the grid covers the page table's whole capacity (lengths cannot be read); the
+    programs past a sequence's end must change nothing."""
+    from ossrl.kernels import decode_triton
+
+    q, kc, vc, pt, lens, cu_q, max_q, sinks, _, _ = make_inputs(case, "cpu", case.dtype)
+    pt = torch.cat([pt.clamp_min(0), torch.zeros(pt.shape[0], 40, dtype=pt.dtype)], 1)  # the engine's wide tables
+    args = (q, kc, vc, pt, lens, cu_q, max_q, sinks, case.window)
+    dynamic = paged_decode_attention_triton(*args, kv_chunk=case.kv_chunk)
+    monkeypatch.setattr(decode_triton, "_capturing", lambda q: True)
+    assert torch.equal(paged_decode_attention_triton(*args, kv_chunk=case.kv_chunk), dynamic)
+
+
 @pytest.mark.parametrize(
     "device",
     [pytest.param("cpu", marks=needs_interpreter), pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])],

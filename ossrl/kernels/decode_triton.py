@@ -34,6 +34,11 @@ from ossrl.kernels.decode_ref import DEFAULT_KV_CHUNK, SUPPORTED_DTYPES, SUPPORT
 DECODE_CONFIG: tuple[int, int, int] = (32, 4, 3)
 
 
+def _capturing(q: torch.Tensor) -> bool:
+    """Inside CUDA graph capture no value may be read back: the grid is sized from the page table's capacity."""
+    return q.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -195,8 +200,7 @@ def paged_decode_attention_triton(
     block_r = max(16, triton.next_power_of_2(group))
     tokens = block_r // group
     # Chunks to launch: from the longest sequence when we may read it, else from the page table's capacity.
-    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    max_len = page_table.shape[1] * page_size if capturing else int(seq_lens.max())
+    max_len = page_table.shape[1] * page_size if _capturing(q) else int(seq_lens.max())
     num_chunks = max(1, triton.cdiv(max_len, kv_chunk))
     num_slots = num_chunks if window is None else min(num_chunks, (window - 1) // kv_chunk + 2)
     part_acc = torch.empty(n, hq, num_slots, d, device=q.device, dtype=torch.float32)
