@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,6 +6,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter; set before ANY test imports Triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # (torch.compile does), whatever order the tests run in
 
 
 @pytest.fixture(scope="module")

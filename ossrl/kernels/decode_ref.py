@@ -14,6 +14,7 @@ below elsewhere; Triton is imported only when needed, so CPU-only installs work 
 from __future__ import annotations
 
 import contextvars
+import importlib.util
 
 import torch
 
@@ -183,8 +184,6 @@ def triton_decode_problem(dtype: torch.dtype, head_dim: int) -> str | None:
     reference reads lengths on the host, so a caller capturing CUDA graphs asks first."""
     if head_dim not in SUPPORTED_HEAD_DIMS or dtype not in SUPPORTED_DTYPES:
         return f"no Triton kernel for {dtype}, head dim {head_dim}"
-    try:
-        import ossrl.kernels.decode_triton  # noqa: F401
-    except ImportError as err:
-        return f"Triton unavailable ({err})"
+    if importlib.util.find_spec("triton") is None:  # not imported here: importing fixes Triton's interpreter mode
+        return "Triton is not installed"
     return None

@@ -65,24 +65,40 @@ def capture_problem(model: GptOss, batch: int) -> str | None:
 
 
 class StaticDecodeStep(CacheStep):
-    """``CacheStep`` for one token per sequence in buffers of ``batch`` rows that never move (a graph reads them)."""
+    """``CacheStep`` for one token per sequence in buffers of ``batch`` rows that never move (a graph reads them).
+
+    The host keeps a mirror of every buffer (pinned on CUDA) and copies each whole mirror per step: one copy for
+    the seven per-row vectors, one per page table. A page-table row is rewritten only when a different sequence
+    takes it; otherwise only the pages a sequence gained since the last step are written, so a step costs O(batch)
+    host work, not O(batch x pages). Entries of sliding pages given back stay as they were: a page id in range,
+    at positions the window never reads. Rows start (and padding rows stay) on the cache's scratch page.
+    """
+
+    # rows of the per-row block: token id, position, seed, sample position, full slot, sliding slot, cached length
+    FIELDS = ("ids", "positions", "seeds", "sample_positions", "full_slots", "sliding_slots", "seq_lens")
 
     def __init__(self, cache: PagedKVCache, batch: int, width: int) -> None:  # no super(): nothing is planned yet
         self.cache, self.fresh, self.max_q_len, self.batch, self.width = cache, False, 1, batch, width
-        device = cache.device
-
-        def zeros(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
-            return torch.zeros(*shape, dtype=dtype, device=device)
-
-        self.ids, self.positions = zeros(batch), zeros(batch)
-        self.seeds, self.sample_positions = zeros(batch), zeros(batch)
-        self.full_slots, self.sliding_slots, self.sliding_keep = zeros(batch), zeros(batch), None
-        self.cu_q_lens = torch.arange(batch + 1, dtype=torch.int32, device=device)
-        self.seq_lens = zeros(batch, dtype=torch.int32)
-        self.full_table = zeros(batch, width, dtype=torch.int32)
-        self.sliding_table = zeros(batch, width, dtype=torch.int32)
+        self.sliding_keep = None
         self.has_sliding = cache.sliding_pool.num_pages > 0
         self.has_full = not all(cache.sliding)
+        device, page = cache.device, cache.page_size
+        self.scratch_full, self.scratch_sliding = cache.scratch[False], cache.scratch[True]
+        self.padding = [0, 0, 0, 0, self.scratch_full * page, self.scratch_sliding * page, 1]
+        pin = device.type == "cuda"  # pinned: the copies do not wait for the GPU
+        self.host_block = torch.empty(len(self.FIELDS), batch, dtype=torch.long, pin_memory=pin)
+        self.host_block[:] = torch.tensor(self.padding).unsqueeze(1)
+        self.host_full = torch.full((batch, width), self.scratch_full, dtype=torch.int32, pin_memory=pin)
+        self.host_sliding = torch.full((batch, width), self.scratch_sliding, dtype=torch.int32, pin_memory=pin)
+        # numpy views of the host mirrors: slice assignment from Python lists runs in C
+        self._block, self._full, self._sliding = (t.numpy() for t in (self.host_block, self.host_full,
+                                                                       self.host_sliding))  # fmt: skip
+        self.rows: list[list] = [[None, 0, 0] for _ in range(batch)]  # per row: sequence, full / sliding pages written
+        self.block = self.host_block.to(device)
+        for i, name in enumerate(self.FIELDS):  # views of one device tensor: one copy fills them all
+            setattr(self, name, self.block[i])
+        self.full_table, self.sliding_table = self.host_full.to(device), self.host_sliding.to(device)
+        self.cu_q_lens = torch.arange(batch + 1, dtype=torch.int32, device=device)
 
     def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, window: int | None
@@ -97,28 +113,39 @@ class StaticDecodeStep(CacheStep):
 
     def load(self, seqs: list[SequencePages], ids: list[int], seeds: list[int], sample_positions: list[int]) -> None:
         """Plan the step for ``seqs`` (one new token each) and copy it, padded to the bucket, into the buffers."""
-        b, pad, page = len(seqs), self.batch - len(seqs), self.cache.page_size
-        plan = plan_step(self.cache, seqs, [1] * b, fresh=False, width=self.width)
-        scratch_full, scratch_sliding = self.cache.scratch[False], self.cache.scratch[True]
-        full_slots = (plan.full_slots if self.has_full else [0] * b) + [scratch_full * page] * pad
-        sliding_slots = (plan.sliding_slots if self.has_sliding else [0] * b) + [scratch_sliding * page] * pad
-        rows = {
-            "full": plan.full_rows + [[scratch_full] * self.width] * pad,
-            "sliding": plan.sliding_rows + [[scratch_sliding] * self.width] * pad,
-        }
-        host = {
-            self.ids: ids + [0] * pad,
-            self.positions: [s.cached_len for s in seqs] + [0] * pad,
-            self.seeds: seeds + [0] * pad,
-            self.sample_positions: sample_positions + [0] * pad,
-            self.full_slots: full_slots,
-            self.sliding_slots: sliding_slots,
-            self.seq_lens: plan.seq_lens + [1] * pad,
-            self.full_table: rows["full"],
-            self.sliding_table: rows["sliding"],
-        }
-        for buffer, values in host.items():
-            buffer.copy_(torch.tensor(values, dtype=buffer.dtype), non_blocking=True)
+        b = len(seqs)
+        plan = plan_step(self.cache, seqs, [1] * b, fresh=False, width=self.width, rows=False)
+        block = self._block
+        block[:, b:] = [[v] for v in self.padding]
+        block[0, :b], block[2, :b], block[3, :b] = ids, seeds, sample_positions
+        block[1, :b] = [s.cached_len for s in seqs]
+        if self.has_full:
+            block[4, :b] = plan.full_slots
+        if self.has_sliding:
+            block[5, :b] = plan.sliding_slots
+        block[6, :b] = plan.seq_lens
+        for i, seq in enumerate(seqs):
+            self._update_row(i, seq)
+        for i in range(b, self.batch):
+            if self.rows[i][0] is not None:  # a row that held a sequence becomes padding
+                self._full[i], self._sliding[i] = self.scratch_full, self.scratch_sliding
+                self.rows[i] = [None, 0, 0]
+        self.block.copy_(self.host_block, non_blocking=True)
+        self.full_table.copy_(self.host_full, non_blocking=True)
+        self.sliding_table.copy_(self.host_sliding, non_blocking=True)
+
+    def _update_row(self, i: int, seq: SequencePages) -> None:
+        row = self.rows[i]
+        if row[0] is not seq:  # a different sequence: its whole row, zeros past its pages
+            self._full[i], self._sliding[i] = 0, 0
+            row[:] = [seq, 0, 0]
+        full, sliding = seq.full, seq.sliding
+        if len(full) > row[1]:
+            self._full[i, row[1] : len(full)] = full[row[1] :]
+            row[1] = len(full)
+        if len(sliding) > row[2]:
+            self._sliding[i, row[2] : len(sliding)] = [max(p, 0) for p in sliding[row[2] :]]
+            row[2] = len(sliding)
 
 
 @dataclass
@@ -178,14 +205,9 @@ class DecodeGraphs:
             warn_once("decode_graphs", f"CUDA graphs / torch.compile: decode steps of {bucket}+ sequences run "
                       f"uncaptured and uncompiled ({problem})")  # fmt: skip
         run = self._run_compiled if self.compiled is not None and problem is None else self._run
-        if problem or not self.capture:  # nothing runs until load() has filled the buffers (zeros: live pages)
+        if problem or not self.capture:
             entry = _Entry(step, run, torch.empty(0), torch.empty(0))
-        else:  # warm up on a side stream (allocator, autotuning), then capture; padding rows only touch scratch
-            step.full_table.fill_(self.cache.scratch[False])
-            step.sliding_table.fill_(self.cache.scratch[True])
-            step.full_slots.fill_(self.cache.scratch[False] * self.cache.page_size)
-            step.sliding_slots.fill_(self.cache.scratch[True] * self.cache.page_size)
-            step.seq_lens.fill_(1)
+        else:  # warm up on a side stream (allocator, autotuning), then capture; a new step's rows are all padding
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):

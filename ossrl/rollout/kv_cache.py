@@ -190,10 +190,16 @@ class StepPlan:
 
 
 def plan_step(
-    cache: PagedKVCache, seqs: list[SequencePages], q_lens: list[int], fresh: bool, width: int | None = None
+    cache: PagedKVCache,
+    seqs: list[SequencePages],
+    q_lens: list[int],
+    fresh: bool,
+    width: int | None = None,
+    rows: bool = True,
 ) -> StepPlan:
     """Grow the sequences' pages for ``q_lens`` new tokens each and lay out where everything goes. Page-table rows
-    are ``width`` wide (default: the longest sequence's pages)."""
+    are ``width`` wide (default: the longest sequence's pages); ``rows=False`` leaves them out (empty) for a caller
+    that keeps its own tables."""
     page = cache.page_size
     has_full, has_sliding = not all(cache.sliding), cache.sliding_pool.num_pages > 0
     full_slots, sliding_slots, keep, seq_lens = [], [], [], []
@@ -218,8 +224,8 @@ def plan_step(
     if width is not None and width < needed:
         raise RuntimeError(f"rollout KV cache: a sequence needs {needed} pages, the step's tables hold {width}")
     width = width or needed
-    full_rows = [_row(s.full, width) for s in seqs]
-    sliding_rows = [_row(s.sliding, width) for s in seqs]
+    full_rows = [_row(s.full, width) for s in seqs] if rows else []
+    sliding_rows = [_row(s.sliding, width) for s in seqs] if rows else []
     _check(cache, full_rows, sliding_rows, full_slots, sliding_slots)
     return StepPlan(full_slots, sliding_slots, keep, cu, seq_lens, full_rows, sliding_rows)
 
