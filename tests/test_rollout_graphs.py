@@ -172,6 +172,40 @@ def test_fixed_buffer_decode_step_gives_the_same_samples(tiny, monkeypatch):
     assert got.token_ids == want.token_ids and got.loss_mask == want.loss_mask and got.num_tool_calls == 1
 
 
+def test_static_step_tables_follow_the_sequences_that_hold_each_row():
+    """The fixed-buffer step updates its page tables incrementally: after every step each live row equals the row a
+    fresh plan would build (sliding entries from the first page still in use), padding rows sit on the scratch page,
+    through pages being added, sliding pages given back, and sequences moving between rows."""
+    from ossrl.model.config import GptOssConfig
+    from ossrl.rollout.kv_cache import PagedKVCache, _row
+
+    config = GptOssConfig(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], hidden_size=64,
+                          num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=6)  # fmt: skip
+    cache = PagedKVCache(config, full_pages=64, sliding_pages=40, page_size=4, device=torch.device("cpu"),
+                         dtype=torch.float32)  # fmt: skip
+    step = graphs.StaticDecodeStep(cache, batch=4, width=10)
+    seqs = [cache.admit(36, 1) for _ in range(5)]
+    for i, seq in enumerate(seqs):  # ragged starting lengths
+        graphs.plan_step(cache, [seq], [3 + 2 * i], fresh=True)
+        seq.cached_len = 3 + 2 * i
+        cache.trim(seq)
+    schedule = [[0, 1, 2], [0, 1, 2], [1, 2, 3, 4], [4, 2], [4, 2, 0], [3]] + [[0, 1, 2, 3]] * 12
+    for members in schedule:
+        live = [seqs[m] for m in members]
+        step.load(live, [7] * len(live), [1] * len(live), [s.cached_len for s in live])
+        for i, seq in enumerate(live):
+            assert step.full_table[i].tolist() == _row(seq.full, 10)
+            fresh, got = _row(seq.sliding, 10), step.sliding_table[i].tolist()
+            assert got[seq.trimmed : len(seq.sliding)] == fresh[seq.trimmed : len(seq.sliding)]
+            assert step.seq_lens[i] == seq.cached_len + 1 and step.positions[i] == seq.cached_len
+        for i in range(len(live), 4):
+            assert set(step.full_table[i].tolist()) == {cache.scratch[False]}
+            assert set(step.sliding_table[i].tolist()) == {cache.scratch[True]}
+            assert step.seq_lens[i] == 1 and step.full_slots[i] == cache.scratch[False] * 4
+        step.finish(live, [1] * len(live))
+    assert seqs[0].trimmed > 0  # sliding pages were given back along the way
+
+
 def compiled_matches_plain(model, tokenizer, backend: str, tolerance: float) -> dict:
     import torch._dynamo.utils
 
