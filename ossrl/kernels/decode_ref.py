@@ -169,9 +169,12 @@ def paged_decode_attention(
     if q.is_cuda:
         problem = triton_decode_problem(q.dtype, q.shape[-1])
         if problem is None:
-            from ossrl.kernels.decode_triton import paged_decode_attention_triton
-
-            return paged_decode_attention_triton(*args)
+            try:
+                from ossrl.kernels.decode_triton import paged_decode_attention_triton
+            except ImportError as err:  # installed but broken
+                problem = f"Triton unavailable ({err})"
+            else:
+                return paged_decode_attention_triton(*args)
         from ossrl.kernels import warn_once  # lazy: ossrl.kernels imports this module
 
         warn_once("paged_decode_attention", f"paged_decode_attention: {problem}; using the plain-torch reference "

@@ -121,8 +121,8 @@ def moe_experts(
 
     x [N, H]; expert_ids [N, k] long; expert_weights [N, k] (router softmax over the chosen k);
     gate_up_proj [E, H, 2I] (or a callable f(ids) returning experts ``ids``, all of them for None: an MXFP4
-    weight's dequantize), gate_up_proj_bias
-    [E, 2I]; down_proj [E, I, H], down_proj_bias [E, H]. Returns [N, H] in x's dtype.
+    weight's dequantize), gate_up_proj_bias [E, 2I]; down_proj [E, I, H], down_proj_bias [E, H]. Returns [N, H] in
+    x's dtype.
     ``gate_up_lora`` / ``down_lora``: optional per-expert LoRA (A [E, in, r], B [E, r, out], scale), so expert e
     computes x @ (W_e + scale * A_e @ B_e) without ever forming the sum; computed in x's dtype.
     The k expert outputs of a token are summed in a fixed order, so the result is deterministic.

@@ -19,7 +19,7 @@ the same fixed-buffer step uncaptured, with one warning.
 ``compile_backend`` (``Engine(torch_compile=True)``) runs each such bucket's step through ``torch.compile`` first
 (static shapes, one compile per bucket; on CUDA the compiled step is what the graph captures), which fuses the
 small elementwise ops (norms, rotary, SwiGLU, routing, sampling) between the matmuls. Attention (the cache write and
-the paged kernel) is left out of the trace and runs as it is.
+the paged kernel) is one custom op in the trace (``kv_cache.cached_decode_attention``), so the step stays one graph.
 """
 
 from __future__ import annotations
@@ -141,11 +141,19 @@ class StaticDecodeStep(CacheStep):
             row[:] = [seq, 0, 0]
         full, sliding = seq.full, seq.sliding
         if len(full) > row[1]:
-            self._full[i, row[1] : len(full)] = full[row[1] :]
+            self._full[i, row[1] : len(full)] = _checked(full[row[1] :], self.cache.full_pool.num_pages)
             row[1] = len(full)
         if len(sliding) > row[2]:
-            self._sliding[i, row[2] : len(sliding)] = [max(p, 0) for p in sliding[row[2] :]]
+            new = [max(p, 0) for p in sliding[row[2] :]]
+            self._sliding[i, row[2] : len(sliding)] = _checked(new, self.cache.sliding_pool.num_pages)
             row[2] = len(sliding)
+
+
+def _checked(pages: list[int], num_pages: int) -> list[int]:
+    """The per-write stand-in for the decode kernel's value checks (``kv_cache._check`` for the plain step)."""
+    if max(pages) >= num_pages:
+        raise RuntimeError("rollout KV cache: page ids out of range (a bug in the engine)")
+    return pages
 
 
 @dataclass
