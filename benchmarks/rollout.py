@@ -22,7 +22,10 @@ Phases, in one process on one GPU:
    its prefill) and its time for ``--new-tokens`` is extrapolated linearly: t(1) + (N - 1) * per-step time. The JSON
    says which numbers are measured and which extrapolated. Control for "same network": our logits for a prompt
    alone vs packed after another prompt.
-6. ours with a LoRA adapter (r=16 on attention and experts, B = 0) when ``ossrl.model.lora`` exists.
+6. ours with the experts packed as MXFP4 in memory (``quantize_experts``, as the release ships them) at
+   ``--mxfp4-batches``, eager and with CUDA graphs: each step dequantizes the chosen experts (decode-sized batches)
+   or all of them.
+7. ours with a LoRA adapter (r=16 on attention and experts, B = 0) on those weights.
 
 Measured on an H100: ``benchmarks/results/rollout_h100.json``.
 """
@@ -38,6 +41,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import environment, peak_memory_gib, reset_peak, save_results, sync, time_it
+from ossrl.model.checkpoint import quantize_experts
 from ossrl.model.config import GptOssConfig
 from ossrl.model.gpt_oss import GptOss
 from ossrl.rollout import Engine, Request, SamplingParams
@@ -365,6 +369,8 @@ def main() -> None:
         action="store_true",
         help="also ours with Engine(cuda_graphs=True, torch_compile=True) (compiles once per batch)",
     )
+    parser.add_argument("--mxfp4-batches", type=int, nargs="*", default=[1, 64],
+                        help="then ours with the experts packed as MXFP4 (none: skip)")  # fmt: skip
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="tiny random config (smoke test)")
     parser.add_argument("--out", default="bench_results")
@@ -465,6 +471,19 @@ def main() -> None:
         del hf
         gc.collect()
         reset_peak()
+
+    if args.mxfp4_batches:  # the released format: experts packed, dequantized per step (only the chosen at decode)
+        quantize_experts(model)
+        gc.collect()
+        reset_peak()
+        for name, options in (("ours_mxfp4", {}), ("ours_mxfp4_cuda_graphs", {"cuda_graphs": True})):
+            if options and not (args.cuda_graphs and device == "cuda"):
+                continue
+            results[name] = {}
+            for b in [b for b in args.mxfp4_batches if b <= len(prompts)]:
+                results[name][str(b)], _ = bench_ours(model, b, prompts, args.new_tokens, **options)
+                print(f"{name} batch {b}: {results[name][str(b)]}", flush=True)
+                save()
 
     if importlib.util.find_spec("ossrl.model.lora") is None:
         results["lora"] = {"available": False, "note": "ossrl.model.lora does not exist in this checkout yet"}

@@ -1,5 +1,6 @@
 """Checkpoint io in both forms gpt-oss ships (bf16, MXFP4 experts), MXFP4 numerics, and bad checkpoints."""
 
+import copy
 import json
 
 import pytest
@@ -8,6 +9,7 @@ from hf_reference import hf_model_from_ours
 from safetensors.torch import load_file, save_file
 from test_model_parity import random_model
 
+from ossrl.model.checkpoint import quantize_experts
 from ossrl.model.config import GptOssConfig
 from ossrl.model.gpt_oss import GptOss
 from ossrl.model.mxfp4 import FP4_VALUES, MXFP4Weight, dequantize_mxfp4, quantize_mxfp4
@@ -113,6 +115,10 @@ def test_mxfp4_checkpoint_keeps_experts_packed_and_matches_dequantized_reference
     again = packed.save_pretrained(tmp_path / "again", mxfp4=True)  # packed weights are written back bit-exactly
     assert torch.equal(load_file(again / "model.safetensors")["model.layers.0.mlp.experts.gate_up_proj_blocks"],
                        stored["model.layers.0.mlp.experts.gate_up_proj_blocks"])  # fmt: skip
+    in_memory = quantize_experts(copy.deepcopy(model))
+    assert isinstance(in_memory.model.layers[0].mlp.experts.gate_up_proj, MXFP4Weight)
+    assert not any(name.endswith("experts.down_proj") for name, _ in in_memory.named_parameters())
+    assert torch.equal(in_memory(ids), packed(ids))  # packing in memory = loading the MXFP4 checkpoint
 
 
 def test_from_config_builds_on_meta_first_without_fp32_copies():

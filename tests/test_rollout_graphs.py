@@ -11,8 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ossrl.harmony import Message, render_completion, render_conversation
 from ossrl.model import GptOss
+from ossrl.model.checkpoint import quantize_experts
 from ossrl.model.lora import ALL_TARGETS, LoraConfig, apply_lora
-from ossrl.model.mxfp4 import MXFP4Weight
 from ossrl.rollout import Engine, Request, SamplingParams, graphs
 
 aten = torch.ops.aten
@@ -85,17 +85,6 @@ def test_host_reads_sees_what_a_graph_cannot_capture():
     ]  # fmt: skip
 
 
-def with_mxfp4_experts(model: GptOss) -> GptOss:
-    packed = copy.deepcopy(model)
-    for layer in packed.model.layers:
-        experts = layer.mlp.experts
-        for name in ("gate_up_proj", "down_proj"):
-            weight = MXFP4Weight.from_dense(getattr(experts, name).detach())
-            delattr(experts, name)
-            experts.add_module(name, weight)
-    return packed
-
-
 @pytest.mark.parametrize("moe", ["grouped", "mxfp4", "loop"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_capturable_decode_steps_never_read_the_gpu_on_the_host(tiny, moe, temperature, monkeypatch):
@@ -103,7 +92,7 @@ def test_capturable_decode_steps_never_read_the_gpu_on_the_host(tiny, moe, tempe
     ``capture_problem`` passes must show no host read (LoRA on every target, top-k/top-p/min-p sampling); one it
     refuses (the MoE loop path reads group sizes) must show one, so the check can fail."""
     model, tokenizer = tiny
-    model = with_mxfp4_experts(model) if moe == "mxfp4" else copy.deepcopy(model)
+    model = quantize_experts(copy.deepcopy(model)) if moe == "mxfp4" else copy.deepcopy(model)
     apply_lora(model, LoraConfig(r=4, targets=ALL_TARGETS), generator=torch.Generator().manual_seed(0))
     if moe != "loop":  # the CUDA bf16 path: one grouped GEMM (torch._grouped_mm runs on CPU too)
         monkeypatch.setattr("ossrl.kernels.moe._grouped_mm_works", lambda device, dtype: True)

@@ -139,6 +139,15 @@ def _names(names: list[str], limit: int = 12) -> str:
     return ", ".join(names[:limit]) + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
+def quantize_experts(model: GptOss) -> GptOss:
+    """Pack every dense expert matrix into MXFP4 in place, as an MXFP4 checkpoint loads (``MXFP4Weight``, frozen);
+    the dense weights are freed. Returns ``model``."""
+    for name, param in list(model.named_parameters()):
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            _set_tensor(model, name, MXFP4Weight.from_dense(param.detach()))
+    return model
+
+
 def checkpoint_tensors(model: GptOss, mxfp4: bool) -> dict[str, torch.Tensor]:
     """The tensors of the HF on-disk form, expert matrices as MXFP4 blocks/scales when ``mxfp4``. LoRA adapters
     are not part of the base checkpoint (``ossrl.model.lora.save_peft_adapter`` writes them)."""

@@ -54,6 +54,9 @@ def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if weight.shape[-1] % BLOCK:
         raise ValueError(f"MXFP4 needs the last dim to be a multiple of {BLOCK}; got {tuple(weight.shape)}")
+    if weight.dim() > 2 and weight.shape[0] > 1:  # one expert at a time: the grid search takes ~40 bytes per value
+        parts = [quantize_mxfp4(w) for w in weight]
+        return torch.stack([b for b, _ in parts]), torch.stack([s for _, s in parts])
     w = weight.float().reshape(*weight.shape[:-1], weight.shape[-1] // BLOCK, BLOCK)
     amax = w.abs().amax(dim=-1, keepdim=True)
     exp = torch.where(amax > 0, torch.floor(torch.log2(amax.clamp_min(2.0**-126))) - 2, torch.full_like(amax, -127))
