@@ -1,8 +1,9 @@
 """One MoE layer at decode batch sizes, gpt-oss-20b shapes (32 experts, top-4, hidden 2880), MXFP4 experts.
 
 Rows:
-- ``ours_gathered``: ``moe_experts`` as the engine runs it at decode (fewer (token, expert) pairs than experts):
-  each pair gathers and dequantizes only its own expert's weights;
+- ``ours_default``: ``moe_experts`` as the engine runs it (``default_path``): on CUDA in bf16 the Triton grouped GEMM
+  that dequantizes in registers, elsewhere the gathered path below at decode-sized batches;
+- ``ours_gathered``: each (token, expert) pair gathers and dequantizes only its own expert's weights;
 - ``ours_dequantize_all``: the same call forced onto the grouped path (every expert dequantized, then a grouped
   GEMM on CUDA or a loop over the hit experts elsewhere): what every decode step did before;
 - ``hf_dense``: transformers' ``GptOssExperts`` on the dequantized dense weights (HF dequantizes MXFP4 at load
@@ -15,6 +16,7 @@ Rows:
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 from functools import partial
 from unittest import mock
 
@@ -50,8 +52,7 @@ def main() -> None:
     down_bias = torch.zeros(e, h, device=device, dtype=dtype)
 
     def ours(x, ids, weights):
-        return moe.moe_experts(x, ids, weights, lambda sel: up.dequantize(dtype, sel), up_bias,
-                               lambda sel: down.dequantize(dtype, sel), down_bias)  # fmt: skip
+        return moe.moe_experts(x, ids, weights, up, up_bias, down, down_bias)
 
     from transformers import GptOssConfig as HFConfig
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
@@ -74,23 +75,28 @@ def main() -> None:
             "weights": "MXFP4 experts, random",
         },
     }
-    forced = "grouped" if moe._grouped_mm_works(torch.device(device), dtype) else "loop"
+    all_path = "grouped" if moe._grouped_mm_works(torch.device(device), dtype) else "loop"
     for b in args.batches:
         x = torch.randn(b, h, device=device, dtype=dtype, generator=gen)
         ids = torch.stack([torch.randperm(e, device=device, generator=gen)[:k] for _ in range(b)])
         weights = torch.softmax(torch.randn(b, k, device=device, generator=gen), -1).to(dtype)
-        row: dict = {"pairs": b * k, "path": moe.expert_path(b * k, e, x.device, dtype, packed=True)}
+        kernel = moe._mxfp4_kernel(x, up, down)
+        row: dict = {"pairs": b * k, "default_path": moe.expert_path(b * k, e, x.device, dtype, True, kernel)}
+        outputs = {}
         with torch.inference_mode():
-            row["ours_gathered_ms"] = 1e3 * time_it(partial(ours, x, ids, weights), repeat=args.repeat)
-            with mock.patch.object(moe, "expert_path", lambda *a, **kw: forced):
-                row["ours_dequantize_all_ms"] = 1e3 * time_it(partial(ours, x, ids, weights), repeat=args.repeat)
-                full = ours(x, ids, weights)
+            for name, path in (("default", None), ("gathered", "gathered"), ("dequantize_all", all_path)):
+                with mock.patch.object(moe, "expert_path", lambda *a, path=path, **kw: path) if path else nullcontext():
+                    row[f"ours_{name}_ms"] = 1e3 * time_it(partial(ours, x, ids, weights), repeat=args.repeat)
+                    outputs[name] = ours(x, ids, weights).float()
             row["hf_dense_ms"] = 1e3 * time_it(partial(hf, x, ids, weights), repeat=args.repeat)
-            gathered = ours(x, ids, weights)
-            row["max_abs_diff_gathered_vs_all"] = (gathered.float() - full.float()).abs().max().item()
-            row["max_abs_diff_vs_hf"] = (gathered.float() - hf(x, ids, weights).float()).abs().max().item()
-        row["speedup_vs_dequantize_all"] = row["ours_dequantize_all_ms"] / row["ours_gathered_ms"]
-        row["speedup_vs_hf_dense"] = row["hf_dense_ms"] / row["ours_gathered_ms"]
+            theirs = hf(x, ids, weights).float()
+        for name in ("default", "gathered"):
+            row[f"max_abs_diff_{name}_vs_dequantize_all"] = (
+                (outputs[name] - outputs["dequantize_all"]).abs().max().item()
+            )
+            row[f"speedup_{name}_vs_dequantize_all"] = row["ours_dequantize_all_ms"] / row[f"ours_{name}_ms"]
+        row["max_abs_diff_default_vs_hf"] = (outputs["default"] - theirs).abs().max().item()
+        row["speedup_default_vs_hf_dense"] = row["hf_dense_ms"] / row["ours_default_ms"]
         results[str(b)] = row
         print(f"batch {b}: {row}", flush=True)
     save_results("moe_decode", results, args.out)

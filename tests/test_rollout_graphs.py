@@ -23,10 +23,13 @@ HOST_OPS = {aten._local_scalar_dense.default, aten.item.default, aten.nonzero.de
             aten.unique_consecutive.default, aten.equal.default, aten.is_nonzero.default}  # fmt: skip
 
 
+OPAQUE = {torch.ops.ossrl.cached_decode_attention.default, torch.ops.ossrl.mxfp4_grouped_matmul.default}
+
+
 class HostReads(TorchDispatchMode):
     """Records every op that would read the GPU on the host (plus ``Tensor.tolist``, which bypasses dispatch),
-    with the innermost ossrl frame that issued it. The attention op runs unwatched: on a GPU it is the Triton
-    kernel, which sizes its grid from the page table while capturing (the GPU test covers it)."""
+    with the innermost ossrl frame that issued it. The attention and MXFP4 GEMM ops run unwatched: on a GPU they
+    are Triton kernels launched on grids of static size (the GPU tests capture them)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -42,7 +45,7 @@ class HostReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.ops.ossrl.cached_decode_attention.default:  # the Triton kernel on a GPU: checked there
+        if func in OPAQUE:  # Triton kernels on a GPU, capture-checked there
             self.paused = True
             try:
                 return func(*args, **kwargs)
@@ -272,3 +275,27 @@ def test_compiled_graphs_on_gpu_sample_like_the_plain_engine(tiny):
     for a, b in zip(got, want, strict=True):
         assert a[0].token_ids == b[0].token_ids
         assert max(abs(x - y) for x, y in zip(a[0].logprobs, b[0].logprobs, strict=True)) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mxfp4_experts_through_the_kernel_in_cuda_graphs(tiny, monkeypatch):
+    """bf16 MXFP4 experts: decode runs the in-register MXFP4 GEMM (it passes its self-check), every bucket is
+    captured, and replays sample what the same steps sample uncaptured."""
+    from ossrl.kernels import mxfp4_ref
+
+    model, tokenizer = tiny
+    gpu = GptOss.from_config(model.config, device="cuda", dtype=torch.bfloat16, seed=None)
+    gpu.load_state_dict(model.state_dict())
+    quantize_experts(gpu.eval())
+    assert mxfp4_ref.mxfp4_kernel_works(torch.device("cuda"), torch.bfloat16)
+    requests = [Request(p) for p in prompts(5)]
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=24, seed=4, stop_token_ids=[])
+    engine = Engine(gpu, tokenizer, kv_cache_tokens=4096, max_num_seqs=8, cuda_graphs=True)
+    graphed = engine.generate(requests, sampling)
+    assert engine.graph_buckets and all(engine.graph_buckets.values()), engine.graph_buckets
+    with monkeypatch.context() as m:
+        m.setattr(graphs, "capture_problem", lambda model, batch: "this test: uncaptured")
+        uncaptured = engine.generate(requests, sampling)
+    for a, b in zip(graphed, uncaptured, strict=True):
+        assert a[0].token_ids == b[0].token_ids and a[0].logprobs == b[0].logprobs

@@ -5,23 +5,27 @@ is ever copied once per expert. On CUDA with bf16/fp16 the slices go through ``t
 launch; elsewhere a loop over the experts that were hit does the same math. Per-expert LoRA adapters ride on the
 same sorted activations and the same grouped GEMMs.
 
-Decode-sized batches (fewer (token, expert) pairs than experts) take a third path when the weights are packed
-(MXFP4) or there is no grouped GEMM: each pair gathers its own expert's weight (dequantizing only the chosen
-experts) and one batched matmul runs them all. It never reads group sizes on the host, so a CUDA graph can
-capture it; ``expert_path`` says which path a batch takes.
+MXFP4 experts, when no gradient flows to the input (rollouts, no-grad passes), go through a Triton grouped GEMM
+that reads the packed weights and dequantizes in registers (``mxfp4_ref.mxfp4_grouped_matmul``), on CUDA in
+bf16/fp16 once its self-check has passed. Otherwise decode-sized batches (fewer (token, expert) pairs than
+experts) take a third path when the weights are packed or there is no grouped GEMM: each pair gathers its own
+expert's weight (dequantizing only the chosen experts) and one batched matmul runs them all. It never reads group
+sizes on the host, so a CUDA graph can capture it; ``expert_path`` says which path a batch takes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ossrl.kernels import warn_once
 
-# A dense weight [E, in, out], or a packed one as a callable: f(None) -> all experts, f(ids) -> experts ``ids``.
-Weight = torch.Tensor | Callable[[torch.Tensor | None], torch.Tensor]
+# A dense weight [E, in, out]; a packed one with ``dequantize(dtype, ids)`` (``MXFP4Weight``: ``blocks`` and
+# ``scales`` too); or a callable f(ids): all experts for None, experts ``ids`` otherwise.
+Weight = torch.Tensor | Any | Callable[[torch.Tensor | None], torch.Tensor]
 LoraFactors = tuple[torch.Tensor, torch.Tensor, float]  # A [E, in, r], B [E, r, out], scale (alpha / r)
 
 
@@ -57,11 +61,17 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
-def expert_path(rows: int, num_experts: int, device: torch.device, dtype: torch.dtype, packed: bool) -> str:
-    """How ``moe_experts`` runs ``rows`` (token, expert) pairs: "gathered" (a weight per pair; decode-sized batches
-    of packed weights or without a grouped GEMM), "grouped" (``torch._grouped_mm``) or "loop" (a matmul per hit
-    expert: the only path that reads group sizes on the host, which a CUDA graph cannot capture)."""
+def expert_path(
+    rows: int, num_experts: int, device: torch.device, dtype: torch.dtype, packed: bool, mxfp4_kernel: bool = False
+) -> str:
+    """How ``moe_experts`` runs ``rows`` (token, expert) pairs: "mxfp4" (MXFP4 weights with a grouped GEMM that
+    dequantizes in registers: ``mxfp4_kernel``, on CUDA in bf16/fp16, no gradient to the input), "gathered" (a
+    weight per pair; decode-sized batches of packed weights or without a grouped GEMM), "grouped"
+    (``torch._grouped_mm``) or "loop" (a matmul per hit expert: the only path that reads group sizes on the host,
+    which a CUDA graph cannot capture)."""
     grouped = _grouped_mm_works(device, dtype)
+    if packed and mxfp4_kernel and grouped:
+        return "mxfp4"
     if rows < num_experts and (packed or not grouped):
         return "gathered"
     return "grouped" if grouped else "loop"
@@ -120,17 +130,16 @@ def moe_experts(
     """Mixture of experts over the chosen experts only.
 
     x [N, H]; expert_ids [N, k] long; expert_weights [N, k] (router softmax over the chosen k);
-    gate_up_proj [E, H, 2I] (or a callable f(ids) returning experts ``ids``, all of them for None: an MXFP4
-    weight's dequantize), gate_up_proj_bias [E, 2I]; down_proj [E, I, H], down_proj_bias [E, H]. Returns [N, H] in
-    x's dtype.
+    gate_up_proj [E, H, 2I] (or a packed weight / callable, see ``Weight``), gate_up_proj_bias [E, 2I];
+    down_proj [E, I, H], down_proj_bias [E, H]. Returns [N, H] in x's dtype.
     ``gate_up_lora`` / ``down_lora``: optional per-expert LoRA (A [E, in, r], B [E, r, out], scale), so expert e
     computes x @ (W_e + scale * A_e @ B_e) without ever forming the sum; computed in x's dtype.
     The k expert outputs of a token are summed in a fixed order, so the result is deterministic.
     """
     n, k = expert_ids.shape
     num_experts = gate_up_proj_bias.shape[0]
-    packed = callable(gate_up_proj) or callable(down_proj)
-    path = expert_path(n * k, num_experts, x.device, x.dtype, packed)
+    packed = not isinstance(gate_up_proj, torch.Tensor) or not isinstance(down_proj, torch.Tensor)
+    path = expert_path(n * k, num_experts, x.device, x.dtype, packed, _mxfp4_kernel(x, gate_up_proj, down_proj))
     if path == "gathered":
         return _gathered_experts(x, expert_ids, expert_weights, gate_up_proj, gate_up_proj_bias, down_proj,
                                  down_proj_bias, alpha, limit, gate_up_lora, down_lora)  # fmt: skip
@@ -142,23 +151,44 @@ def moe_experts(
     counts_list = counts.tolist() if path == "loop" else None
     token_of = order // k
     xs = x[token_of]
-    w_gate_up = _weight(gate_up_proj, None)
-    w_down = _weight(down_proj, None)
-    h = grouped_matmul(xs, w_gate_up.to(x.dtype), counts, counts_list) + gate_up_proj_bias[sorted_ids].to(x.dtype)
+    h = _grouped(xs, gate_up_proj, counts, counts_list, path) + gate_up_proj_bias[sorted_ids].to(x.dtype)
     if gate_up_lora is not None:
         h = h + grouped_lora(xs, gate_up_lora, counts, counts_list)
     h = swiglu_clamped(h, alpha, limit)
-    y = grouped_matmul(h, w_down.to(x.dtype), counts, counts_list) + down_proj_bias[sorted_ids].to(x.dtype)
+    y = _grouped(h, down_proj, counts, counts_list, path) + down_proj_bias[sorted_ids].to(x.dtype)
     if down_lora is not None:
         y = y + grouped_lora(h, down_lora, counts, counts_list)
     unsorted = torch.empty_like(y).index_copy(0, order, y)  # back to (token, slot) order
     return (unsorted.view(n, k, -1) * expert_weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
 
 
-def _weight(w: Weight, ids: torch.Tensor | None) -> torch.Tensor:
-    if callable(w):
-        return w(ids)
-    return w if ids is None else w[ids]
+def _weight(w: Weight, ids: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Experts ``ids`` (all for None) of a dense weight, a packed one (``dequantize(dtype, ids)``) or a callable."""
+    if isinstance(w, torch.Tensor):
+        return (w if ids is None else w[ids]).to(dtype)
+    if hasattr(w, "dequantize"):
+        return w.dequantize(dtype, ids)
+    return w(ids).to(dtype)
+
+
+def _grouped(xs: torch.Tensor, w: Weight, counts: torch.Tensor, counts_list: list[int] | None, path: str):
+    if path == "mxfp4":
+        from ossrl.kernels.mxfp4_ref import mxfp4_grouped_matmul  # lazy: mxfp4_ref imports this module
+
+        return mxfp4_grouped_matmul(xs, w.blocks, w.scales, counts)
+    return grouped_matmul(xs, _weight(w, None, xs.dtype), counts, counts_list)
+
+
+def _mxfp4_kernel(x: torch.Tensor, gate_up_proj: Weight, down_proj: Weight) -> bool:
+    """Whether both weights are MXFP4 and can go through the in-register kernel: CUDA, it passed its self-check,
+    and no gradient has to flow back to ``x`` (the kernel has no backward)."""
+    if not (x.is_cuda and hasattr(gate_up_proj, "blocks") and hasattr(down_proj, "blocks")):
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False
+    from ossrl.kernels.mxfp4_ref import mxfp4_kernel_works  # lazy: mxfp4_ref imports this module
+
+    return mxfp4_kernel_works(x.device, x.dtype)
 
 
 def _gathered_experts(
@@ -175,11 +205,11 @@ def _gathered_experts(
         a, b, scale = factors
         return torch.bmm(torch.bmm(inputs, a[ids].to(x.dtype)), b[ids].to(x.dtype)) * scale
 
-    h = torch.bmm(xs, _weight(gate_up_proj, ids).to(x.dtype)) + gate_up_proj_bias[ids].to(x.dtype).unsqueeze(1)
+    h = torch.bmm(xs, _weight(gate_up_proj, ids, x.dtype)) + gate_up_proj_bias[ids].to(x.dtype).unsqueeze(1)
     if gate_up_lora is not None:
         h = h + lora(xs, gate_up_lora)
     h = swiglu_clamped(h, alpha, limit)
-    y = torch.bmm(h, _weight(down_proj, ids).to(x.dtype)) + down_proj_bias[ids].to(x.dtype).unsqueeze(1)
+    y = torch.bmm(h, _weight(down_proj, ids, x.dtype)) + down_proj_bias[ids].to(x.dtype).unsqueeze(1)
     if down_lora is not None:
         y = y + lora(h, down_lora)
     return (y.view(n, k, -1) * expert_weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)

@@ -9,7 +9,6 @@ packs its real tokens, runs the same path and scatters the result back.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -156,12 +155,9 @@ class Experts(nn.Module):
         self.register_module("down_lora", None)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
-        def weight(w: nn.Parameter | MXFP4Weight) -> torch.Tensor | Callable[[torch.Tensor | None], torch.Tensor]:
-            return (lambda ids: w.dequantize(x.dtype, ids)) if isinstance(w, MXFP4Weight) else w
-
         return moe_experts(
-            x, expert_ids, expert_weights, weight(self.gate_up_proj), self.gate_up_proj_bias,
-            weight(self.down_proj), self.down_proj_bias, alpha=self.alpha, limit=self.limit,
+            x, expert_ids, expert_weights, self.gate_up_proj, self.gate_up_proj_bias,
+            self.down_proj, self.down_proj_bias, alpha=self.alpha, limit=self.limit,
             gate_up_lora=self.gate_up_lora.factors() if _lora_on(self.gate_up_lora) else None,
             down_lora=self.down_lora.factors() if _lora_on(self.down_lora) else None,
         )  # fmt: skip

@@ -9,41 +9,12 @@ W^T [E, in, out] (tokens @ weight), so ``dequantize`` returns that layout.
 
 from __future__ import annotations
 
-from functools import cache
-
 import torch
 from torch import nn
 
-BLOCK = 32
-# E2M1 code -> value: sign bit 3, exponent bits 2-1, mantissa bit 0.
-FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+from ossrl.kernels.mxfp4_ref import BLOCK, FP4_VALUES, dequantize_mxfp4
 
-
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """blocks [..., out, G, 16] uint8 + scales [..., out, G] -> dense [..., out, G*32] in ``dtype``."""
-    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
-        raise ValueError(f"MXFP4 blocks and scales must be uint8; got {blocks.dtype}, {scales.dtype}")
-    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BLOCK // 2:
-        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
-    pairs = torch.index_select(_byte_values(blocks.device), 0, blocks.flatten().int())  # [N, 2]: low, high nibble
-    values = pairs.view(*blocks.shape[:-1], BLOCK) * _powers_of_two(scales).unsqueeze(-1)  # exact in fp32
-    return values.flatten(-2).to(dtype)
-
-
-def _powers_of_two(scales: torch.Tensor) -> torch.Tensor:
-    """E8M0 scales -> 2**(s - 127) in fp32, built from the bits (exact on every device, unlike exp2): exponent
-    field s for s >= 1, the subnormal 2**-127 for s = 0; 255 gives inf."""
-    exponent = scales.to(torch.int32)
-    return torch.where(exponent > 0, exponent << 23, 1 << 22).view(torch.float32)
-
-
-@cache
-def _byte_values(device: torch.device) -> torch.Tensor:
-    """[256, 2] fp32: a byte's two E2M1 values, low nibble first. Made once per device (a host-to-device copy per
-    call would break CUDA graph capture), and a normal tensor even when first made under inference mode."""
-    with torch.inference_mode(False):
-        values = torch.tensor(FP4_VALUES, dtype=torch.float32)
-        return torch.stack((values.repeat(16), values.repeat_interleave(16)), dim=-1).to(device)
+__all__ = ["BLOCK", "FP4_VALUES", "MXFP4Weight", "dequantize_mxfp4", "quantize_mxfp4"]
 
 
 def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
