@@ -50,11 +50,15 @@ def test_weight_can_be_a_callable_such_as_mxfp4_dequantize(n):
                                moe_experts(x, ids, weights, w1, b1, w2, b2))  # fmt: skip
 
 
-def test_expert_path_gathers_decode_sized_batches_and_never_reads_the_host_for_them():
+def test_expert_path_gathers_decode_sized_batches_and_never_reads_the_host_for_them(monkeypatch):
     cpu = torch.device("cpu")  # no grouped GEMM here: dense weights loop once there are enough pairs
     assert expert_path(4, 32, cpu, torch.float32, packed=False) == "gathered"
     assert expert_path(32, 32, cpu, torch.float32, packed=False) == "loop"
     assert expert_path(31, 32, cpu, torch.float32, packed=True) == "gathered"
+    monkeypatch.setattr("ossrl.kernels.moe._grouped_mm_works", lambda device, dtype: True)  # as on CUDA in bf16
+    assert expert_path(4, 32, cpu, torch.bfloat16, packed=True, mxfp4_kernel=True) == "mxfp4"
+    assert expert_path(64 * 32, 32, cpu, torch.bfloat16, packed=True, mxfp4_kernel=True) == "mxfp4"
+    assert expert_path(64 * 32 + 1, 32, cpu, torch.bfloat16, packed=True, mxfp4_kernel=True) == "grouped"  # prefill
 
 
 @pytest.mark.parametrize("n,e,k", [(1, 32, 4), (3, 8, 2), (7, 32, 4)])

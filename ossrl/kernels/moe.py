@@ -61,16 +61,22 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+# The MXFP4 kernel re-dequantizes each weight tile per 16-row block of an expert's rows: past ~64 rows per expert
+# (large prefills, no-grad passes over whole batches) dequantizing once and one grouped GEMM does less work.
+MXFP4_KERNEL_ROWS_PER_EXPERT = 64
+
+
 def expert_path(
     rows: int, num_experts: int, device: torch.device, dtype: torch.dtype, packed: bool, mxfp4_kernel: bool = False
 ) -> str:
     """How ``moe_experts`` runs ``rows`` (token, expert) pairs: "mxfp4" (MXFP4 weights with a grouped GEMM that
-    dequantizes in registers: ``mxfp4_kernel``, on CUDA in bf16/fp16, no gradient to the input), "gathered" (a
+    dequantizes in registers: ``mxfp4_kernel``, on CUDA in bf16/fp16, no gradient to the input, and rollout-sized
+    batches: the kernel dequantizes a weight tile again for every block of rows), "gathered" (a
     weight per pair; decode-sized batches of packed weights or without a grouped GEMM), "grouped"
     (``torch._grouped_mm``) or "loop" (a matmul per hit expert: the only path that reads group sizes on the host,
     which a CUDA graph cannot capture)."""
     grouped = _grouped_mm_works(device, dtype)
-    if packed and mxfp4_kernel and grouped:
+    if packed and mxfp4_kernel and grouped and rows <= MXFP4_KERNEL_ROWS_PER_EXPERT * num_experts:
         return "mxfp4"
     if rows < num_experts and (packed or not grouped):
         return "gathered"
