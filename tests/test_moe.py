@@ -36,17 +36,23 @@ def test_routed_moe_matches_dense(n, e, k):
         torch.testing.assert_close(g, r)
 
 
-def _select(w):
-    return lambda ids: w if ids is None else w[ids]
+class Packed:
+    """A stand-in ``PackedWeight``: dequantizes (here: indexes) only the experts asked for."""
+
+    def __init__(self, w):
+        self.w = w
+
+    def dequantize(self, dtype, experts=None):
+        return (self.w if experts is None else self.w[experts]).to(dtype)
 
 
 @pytest.mark.parametrize("n", [1, 6])  # 2 pairs < 3 experts: gathered; 12 pairs: the grouped/loop path
-def test_weight_can_be_a_callable_such_as_mxfp4_dequantize(n):
+def test_weight_can_be_packed_such_as_mxfp4(n):
     torch.manual_seed(0)
     x, ids = torch.randn(n, 8), torch.randint(0, 3, (n, 2))
     weights = torch.full((n, 2), 0.5)
     w1, b1, w2, b2 = torch.randn(3, 8, 10), torch.zeros(3, 10), torch.randn(3, 5, 8), torch.zeros(3, 8)
-    torch.testing.assert_close(moe_experts(x, ids, weights, _select(w1), b1, _select(w2), b2),
+    torch.testing.assert_close(moe_experts(x, ids, weights, Packed(w1), b1, Packed(w2), b2),
                                moe_experts(x, ids, weights, w1, b1, w2, b2))  # fmt: skip
 
 

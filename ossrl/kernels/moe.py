@@ -15,17 +15,23 @@ sizes on the host, so a CUDA graph can capture it; ``expert_path`` says which pa
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from ossrl.kernels import warn_once
 
-# A dense weight [E, in, out]; a packed one with ``dequantize(dtype, ids)`` (``MXFP4Weight``: ``blocks`` and
-# ``scales`` too); or a callable f(ids): all experts for None, experts ``ids`` otherwise.
-Weight = torch.Tensor | Any | Callable[[torch.Tensor | None], torch.Tensor]
+
+class PackedWeight(Protocol):
+    """An expert weight kept packed (``ossrl.model.MXFP4Weight``, which also has ``blocks`` and ``scales``)."""
+
+    def dequantize(self, dtype: torch.dtype, experts: torch.Tensor | None = None) -> torch.Tensor:
+        """W^T [E, in, out] in ``dtype``; with ``experts`` (ids [R]) only those, [R, in, out]."""
+        ...
+
+
+Weight = torch.Tensor | PackedWeight  # dense [E, in, out], or packed
 LoraFactors = tuple[torch.Tensor, torch.Tensor, float]  # A [E, in, r], B [E, r, out], scale (alpha / r)
 
 
@@ -136,7 +142,7 @@ def moe_experts(
     """Mixture of experts over the chosen experts only.
 
     x [N, H]; expert_ids [N, k] long; expert_weights [N, k] (router softmax over the chosen k);
-    gate_up_proj [E, H, 2I] (or a packed weight / callable, see ``Weight``), gate_up_proj_bias [E, 2I];
+    gate_up_proj [E, H, 2I] (or a ``PackedWeight``), gate_up_proj_bias [E, 2I];
     down_proj [E, I, H], down_proj_bias [E, H]. Returns [N, H] in x's dtype.
     ``gate_up_lora`` / ``down_lora``: optional per-expert LoRA (A [E, in, r], B [E, r, out], scale), so expert e
     computes x @ (W_e + scale * A_e @ B_e) without ever forming the sum; computed in x's dtype.
@@ -169,12 +175,10 @@ def moe_experts(
 
 
 def _weight(w: Weight, ids: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """Experts ``ids`` (all for None) of a dense weight, a packed one (``dequantize(dtype, ids)``) or a callable."""
+    """Experts ``ids`` (all for None) of a dense or packed weight, in ``dtype``."""
     if isinstance(w, torch.Tensor):
         return (w if ids is None else w[ids]).to(dtype)
-    if hasattr(w, "dequantize"):
-        return w.dequantize(dtype, ids)
-    return w(ids).to(dtype)
+    return w.dequantize(dtype, ids)
 
 
 def _grouped(xs: torch.Tensor, w: Weight, counts: torch.Tensor, counts_list: list[int] | None, path: str):

@@ -34,7 +34,6 @@ from ossrl.kernels import warn_once
 from ossrl.kernels.decode_ref import triton_decode_problem
 from ossrl.kernels.moe import expert_path
 from ossrl.model.gpt_oss import GptOss, PackedBatch
-from ossrl.model.mxfp4 import MXFP4Weight
 from ossrl.rollout.kv_cache import CacheStep, PagedKVCache, SequencePages, cached_decode_attention, plan_step
 from ossrl.rollout.sampling import SamplingParams, sample_tokens
 
@@ -57,7 +56,7 @@ def capture_problem(model: GptOss, batch: int) -> str | None:
     rows = batch * config.num_experts_per_tok
     for layer in model.model.layers:
         experts = layer.mlp.experts
-        packed = isinstance(experts.gate_up_proj, MXFP4Weight) or isinstance(experts.down_proj, MXFP4Weight)
+        packed = not isinstance(experts.gate_up_proj, torch.Tensor) or not isinstance(experts.down_proj, torch.Tensor)
         if expert_path(rows, config.num_local_experts, device, dtype, packed) == "loop":
             return (f"MoE: no grouped GEMM for {dtype} on {device.type}, and {rows} (token, expert) pairs are too "
                     "many to gather")  # fmt: skip
