@@ -8,6 +8,7 @@ training attention goes through PyTorch's fused CPU flash kernels where they app
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -17,6 +18,11 @@ from ossrl.kernels.decode_ref import check_paged_decode_inputs, paged_decode_att
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1): the tests' way to run them on CPU."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def warn_once(key: str, message: str) -> None:

@@ -16,7 +16,6 @@ entirely inside the visible region skip the mask arithmetic. Math: see ``attenti
 from __future__ import annotations
 
 import math
-import os
 import weakref
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ossrl.kernels import triton_interpreting
 from ossrl.kernels.attention_ref import check_sink_attention_inputs
 
 LOG2E = math.log2(math.e)
@@ -61,12 +61,8 @@ GPU_CONFIGS: dict[int, AttnConfig] = {
 }
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def kernel_config(head_dim: int) -> AttnConfig:
-    return INTERPRET_CONFIG if _interpreting() else GPU_CONFIGS[head_dim]
+    return INTERPRET_CONFIG if triton_interpreting() else GPU_CONFIGS[head_dim]
 
 
 @triton.jit
@@ -363,7 +359,7 @@ def check_kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks
         raise ValueError(f"sink_attention_triton supports {SUPPORTED_DTYPES}; got {q.dtype}")
     if window is not None and window >= 2**30:
         raise ValueError(f"window ({window}) too large; pass None for full causal attention")
-    if not _interpreting() and not q.is_cuda:
+    if not triton_interpreting() and not q.is_cuda:
         raise ValueError(f"sink_attention_triton needs CUDA tensors (or TRITON_INTERPRET=1); got {q.device}")
 
 

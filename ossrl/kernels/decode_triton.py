@@ -21,12 +21,12 @@ Where it differs from the training kernel (``sink_attention``) and why:
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ossrl.kernels import triton_interpreting
 from ossrl.kernels.decode_ref import DEFAULT_KV_CHUNK, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, check_paged_decode_inputs
 
 # Key tile (positions per gathered load), warps, pipeline stages of the partial kernel. (32, 4, 3) compiles without
@@ -37,10 +37,6 @@ DECODE_CONFIG: tuple[int, int, int] = (32, 4, 3)
 def _capturing(q: torch.Tensor) -> bool:
     """Inside CUDA graph capture no value may be read back: the grid is sized from the page table's capacity."""
     return q.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit(do_not_specialize=["num_slots", "window"])
@@ -184,7 +180,7 @@ def paged_decode_attention_triton(
     if d not in SUPPORTED_HEAD_DIMS or q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"paged_decode_attention_triton supports head dims {SUPPORTED_HEAD_DIMS} and dtypes "
                          f"{SUPPORTED_DTYPES}; got {d}, {q.dtype}")  # fmt: skip
-    if not _interpreting() and not q.is_cuda:
+    if not triton_interpreting() and not q.is_cuda:
         raise ValueError(f"paged_decode_attention_triton needs CUDA tensors (or TRITON_INTERPRET=1); got {q.device}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache must be contiguous in the head dim")
@@ -195,7 +191,7 @@ def paged_decode_attention_triton(
     q = q if q.stride(-1) == 1 else q.contiguous()
     page_table = page_table.contiguous()
     group = hq // hkv
-    block_n, warps, stages = (16, 4, 1) if _interpreting() else DECODE_CONFIG
+    block_n, warps, stages = (16, 4, 1) if triton_interpreting() else DECODE_CONFIG
     block_n = min(block_n, kv_chunk)
     block_r = max(16, triton.next_power_of_2(group))
     tokens = block_r // group

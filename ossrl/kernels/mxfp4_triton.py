@@ -14,20 +14,15 @@ values are bitwise the reference's) and accumulates with ``tl.dot`` in fp32.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ossrl.kernels import triton_interpreting
 from ossrl.kernels.mxfp4_ref import check_mxfp4_grouped_inputs
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); BLOCK_K is a multiple of the 32-value MXFP4 block.
 MXFP4_CONFIG: tuple[int, int, int, int, int] = (16, 64, 64, 4, 3)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -82,7 +77,7 @@ def mxfp4_grouped_matmul_triton(
 ) -> torch.Tensor:
     """Triton version of ``mxfp4_grouped_matmul_ref`` (same arguments, same result up to summation order)."""
     check_mxfp4_grouped_inputs(x, blocks, scales, counts)
-    if not _interpreting() and not x.is_cuda:
+    if not triton_interpreting() and not x.is_cuda:
         raise ValueError(f"mxfp4_grouped_matmul_triton needs CUDA tensors (or TRITON_INTERPRET=1); got {x.device}")
     num_experts, n, groups, _ = blocks.shape
     k = groups * 32
@@ -93,7 +88,7 @@ def mxfp4_grouped_matmul_triton(
         return out
     offsets = torch.zeros(num_experts + 1, device=x.device, dtype=torch.int32)
     torch.cumsum(counts, 0, out=offsets[1:])
-    block_m, block_n, block_k, warps, stages = (16, 16, 32, 1, 1) if _interpreting() else MXFP4_CONFIG
+    block_m, block_n, block_k, warps, stages = (16, 16, 32, 1, 1) if triton_interpreting() else MXFP4_CONFIG
     grid = (num_experts, triton.cdiv(n, block_n))
     _mxfp4_grouped_kernel[grid](
         x, blocks, scales, offsets, out, k, n,
