@@ -3,6 +3,7 @@
 op it dispatches), and on a GPU the replayed graphs give the same samples as the same steps run uncaptured."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -162,6 +163,54 @@ def test_fixed_buffer_decode_step_gives_the_same_samples(tiny, monkeypatch):
     fixed = Engine(scripted_policy(model, script), tokenizer, cuda_graphs=True)
     got = fixed.generate([Request(prompt)], sampling, tools=tools)[0][0]
     assert got.token_ids == want.token_ids and got.loss_mask == want.loss_mask and got.num_tool_calls == 1
+
+
+class SimulatedGraph:
+    """A captured graph's contract, on CPU: each replay runs the recorded step again and writes its results into
+    the tensors the capture returned (a graph's outputs live at fixed addresses)."""
+
+    def __init__(self, step, run) -> None:
+        self.step, self.run = step, run
+        self.tokens, self.logprobs = run(step)
+
+    def replay(self) -> None:
+        tokens, logprobs = self.run(self.step)
+        self.tokens.copy_(tokens)
+        self.logprobs.copy_(logprobs)
+
+
+def test_replayed_outputs_are_read_and_a_refused_capture_runs_uncaptured(tiny, monkeypatch, caplog):
+    """The captured path with capture simulated on CPU: samples come from the outputs each replay rewrites, and a
+    bucket whose capture fails (as CUDA refuses an op in a graph) runs uncaptured with a warning, same samples."""
+    import ossrl.kernels
+
+    model, tokenizer = tiny
+
+    def record(self, step, run):
+        if step.batch == 2:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        graph = SimulatedGraph(step, run)
+        return graph, graph.tokens, graph.logprobs
+
+    init = graphs.DecodeGraphs.__init__
+    monkeypatch.setattr(graphs.DecodeGraphs, "__init__", lambda self, *a, **k: init(self, *a, **{**k, "capture": True}))
+    monkeypatch.setattr(graphs.DecodeGraphs, "_warm_up", lambda self, step, run: run(step))
+    monkeypatch.setattr(graphs.DecodeGraphs, "_record", record)
+    monkeypatch.setattr(ossrl.kernels, "_warned", set())
+    requests = [Request(p) for p in prompts(3)]
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=20, seed=9, stop_token_ids=[])
+    want = Engine(model, tokenizer, kv_cache_tokens=2048, page_size=4).generate(requests, sampling)
+    # one prompt admitted per step: batches 1, 2, 3, then 2, 1 (3 rows x 2 experts < 8 experts: all capturable)
+    engine = Engine(model, tokenizer, kv_cache_tokens=2048, page_size=4, max_num_seqs=3, cuda_graphs=True,
+                    max_prefill_tokens=max(len(r.prompt_ids) for r in requests))  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="ossrl.kernels"):
+        got = engine.generate(requests, sampling)
+    assert engine.graph_buckets == {1: True, 2: False, 3: True}
+    assert [r for r in caplog.records if "capturing the decode step of 2 sequences failed" in r.getMessage()]
+    for a, b in zip(want, got, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert x.token_ids == y.token_ids
+            assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs, strict=True)) < 1e-5
 
 
 def test_static_step_tables_follow_the_sequences_that_hold_each_row():

@@ -14,7 +14,7 @@ tests check the padding and buffer logic against the plain step.
 
 A graph cannot hold a step that reads GPU values on the host. ``capture_problem`` says when a bucket's step would
 (the MoE's loop path, e.g. fp32 on CUDA at larger batches; attention without its Triton kernel); such a bucket runs
-the same fixed-buffer step uncaptured, with one warning.
+the same fixed-buffer step uncaptured, with one warning. So does a bucket whose capture CUDA refuses anyway.
 
 ``compile_backend`` (``Engine(torch_compile=True)``) runs each such bucket's step through ``torch.compile`` first
 (static shapes, one compile per bucket; on CUDA the compiled step is what the graph captures), which fuses the
@@ -212,22 +212,34 @@ class DecodeGraphs:
             warn_once("decode_graphs", f"CUDA graphs / torch.compile: decode steps of {bucket}+ sequences run "
                       f"uncaptured and uncompiled ({problem})")  # fmt: skip
         run = self._run_compiled if self.compiled is not None and problem is None else self._run
-        if problem or not self.capture:
-            entry = _Entry(step, run, torch.empty(0), torch.empty(0))
-        else:  # warm up on a side stream (allocator, autotuning), then capture; a new step's rows are all padding
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    run(step)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                tokens, logprobs = run(step)
-            self.pool = graph.pool()
-            entry = _Entry(step, run, tokens, logprobs, graph)
+        entry = _Entry(step, run, torch.empty(0), torch.empty(0))
+        if problem is None and self.capture:  # a new step's rows are all padding: warm-up and capture write scratch
+            self._warm_up(step, run)
+            try:
+                entry.graph, entry.tokens, entry.logprobs = self._record(step, run)
+            except RuntimeError as error:  # an op CUDA refuses in a graph that capture_problem does not know
+                warn_once(f"decode_graphs_capture_{bucket}", f"CUDA graphs: capturing the decode step of {bucket} "
+                          f"sequences failed; it runs uncaptured ({error})")  # fmt: skip
         self.entries[bucket] = entry
         return entry
+
+    def _warm_up(self, step: StaticDecodeStep, run: Callable) -> None:
+        """Run the step twice on a side stream first: allocator pools, Triton autotuning and compiles settle there
+        (an error here is the step's own and propagates)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run(step)
+        torch.cuda.current_stream().wait_stream(side)
+
+    def _record(self, step: StaticDecodeStep, run: Callable) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """Capture the step: (graph, the token and log-prob tensors each replay writes)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            tokens, logprobs = run(step)
+        self.pool = graph.pool()
+        return graph, tokens, logprobs
 
     def step(
         self, pages: list[SequencePages], ids: list[int], seeds: list[int], sample_positions: list[int]
