@@ -259,7 +259,7 @@ def test_cispo_values_and_grads():
 def test_pg_loss():
     # loss_t = -A logp: [1, 2 | -0.5] -> 2.5 / 3; grad = -A / 3
     lp = torch.tensor([[-1.0, -2.0], [-0.5, NAN]], requires_grad=True)
-    loss, _ = pg_loss(lp, torch.tensor([1.0, -1.0]), torch.tensor([[1, 1], [1, 0]]))
+    loss, _ = pg_loss(lp, None, torch.tensor([1.0, -1.0]), torch.tensor([[1, 1], [1, 0]]))
     close(loss, 0.833333)
     (grad,) = torch.autograd.grad(loss, lp)
     close(grad, [[-1 / 3, -1 / 3], [1 / 3, 0.0]])
@@ -280,7 +280,7 @@ def test_strict_on_policy_ratio_one_and_vanilla_gradient(name):
     # vanilla policy gradient of token-mean -A logp over 4 tokens: -A / 4 (GSPO's seq-mean-token-mean: -A/(2*2))
     assert torch.equal(grad, torch.tensor([[-0.25, -0.25], [0.125, 0.125]]))
     agg = "seq-mean-token-mean" if name == "gspo" else "token-mean"
-    (grad_pg,) = torch.autograd.grad(pg_loss(lp, adv, mask, agg=agg)[0], lp)
+    (grad_pg,) = torch.autograd.grad(pg_loss(lp, None, adv, mask, agg=agg)[0], lp)
     assert torch.equal(grad, grad_pg)
 
 

@@ -42,13 +42,16 @@ def kl_loss(
     agg: str = "token-mean",
     max_len: int | None = None,
     normalizer: float | torch.Tensor | None = None,
+    seq_index: torch.Tensor | None = None,
+    num_seqs: int | None = None,
 ) -> torch.Tensor:
     """Aggregated KL(pi || pi_ref) estimate over sampled tokens; multiply by beta and add to the policy loss."""
-    m = check_token_tensors(mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
+    m = check_token_tensors(mask, seq_index, logprobs=logprobs, ref_logprobs=ref_logprobs)
     zero = logprobs.new_zeros((), dtype=torch.float32)
     lp = torch.where(m, logprobs.float(), zero)
     ref = torch.where(m, ref_logprobs.float(), zero)
-    return aggregate(kl_estimate(lp, ref, kind), m, agg, max_len=max_len, normalizer=normalizer)
+    return aggregate(kl_estimate(lp, ref, kind), m, agg, max_len=max_len, normalizer=normalizer,
+                     seq_index=seq_index, num_seqs=num_seqs)  # fmt: skip
 
 
 def entropy_bonus(
@@ -59,7 +62,10 @@ def entropy_bonus(
     agg: str = "token-mean",
     max_len: int | None = None,
     normalizer: float | torch.Tensor | None = None,
+    seq_index: torch.Tensor | None = None,
+    num_seqs: int | None = None,
 ) -> torch.Tensor:
     """Loss term -coef * aggregate(entropy) given per-token entropies [B, T]; adding it rewards higher entropy."""
-    m = check_token_tensors(mask, entropy=entropy)
-    return -coef * aggregate(entropy.float(), m, agg, max_len=max_len, normalizer=normalizer)
+    m = check_token_tensors(mask, seq_index, entropy=entropy)
+    return -coef * aggregate(entropy.float(), m, agg, max_len=max_len, normalizer=normalizer, seq_index=seq_index,
+                             num_seqs=num_seqs)  # fmt: skip

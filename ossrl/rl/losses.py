@@ -1,4 +1,5 @@
-"""Policy losses on token tensors [B, T] with a loss mask and per-sequence advantages [B].
+"""Policy losses on token tensors [B, T] (or packed [M] with ``seq_index``, see ``ossrl.rl.masked``) with a loss
+mask and per-sequence advantages [B].
 
 Every loss takes ``logprobs`` (current policy, with grad), ``old_logprobs`` (the policy that produced the data;
 detached), ``advantages`` [B] and ``mask`` (1 on sampled tokens), and returns ``(loss, metrics)``: a scalar to
@@ -27,7 +28,16 @@ from collections.abc import Callable
 
 import torch
 
-from ossrl.rl.masked import aggregate, check_seq_tensor, check_token_tensors, masked_max, masked_mean
+from ossrl.rl.masked import (
+    aggregate,
+    check_seq_tensor,
+    check_token_tensors,
+    masked_max,
+    masked_mean,
+    num_rows,
+    per_token,
+    row_sum,
+)
 
 MAX_LOG_RATIO = 20.0  # log-ratios are clamped to +-20 before exp, so exp never overflows fp32
 Metrics = dict[str, torch.Tensor]
@@ -44,14 +54,17 @@ def _prepare(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     is_weights: torch.Tensor | None,
+    seq_index: torch.Tensor | None = None,
+    num_seqs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Validate; return (bool mask, fp32 logp, fp32 old logp, advantages [B, 1], weights), zeroed off-mask."""
-    m = check_token_tensors(mask, logprobs=logprobs, old_logprobs=old_logprobs, is_weights=is_weights)
-    check_seq_tensor("advantages", advantages, m.shape[0])
+    """Validate; return (bool mask, fp32 logp, fp32 old logp, advantages per token ([B, 1] or [M]), weights),
+    zeroed off-mask."""
+    m = check_token_tensors(mask, seq_index, logprobs=logprobs, old_logprobs=old_logprobs, is_weights=is_weights)
+    check_seq_tensor("advantages", advantages, num_rows(m, seq_index, num_seqs))
     zero = logprobs.new_zeros((), dtype=torch.float32)
     lp = torch.where(m, logprobs.float(), zero)
     old = lp.detach() if old_logprobs is None else torch.where(m, old_logprobs.detach().float(), zero)
-    adv = advantages.detach().float()[:, None]
+    adv = per_token(advantages.detach().float(), seq_index)
     w = None if is_weights is None else torch.where(m, is_weights.detach().float(), zero)
     return m, lp, old, adv, w
 
@@ -81,6 +94,8 @@ def ppo_clip_loss(
     max_len: int | None = None,
     normalizer: float | torch.Tensor | None = None,
     is_weights: torch.Tensor | None = None,
+    seq_index: torch.Tensor | None = None,
+    num_seqs: int | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """PPO-clip with decoupled eps_low / eps_high (DAPO defaults 0.2 / 0.28) and optional dual clip c > 1.
 
@@ -91,7 +106,8 @@ def ppo_clip_loss(
     _check_eps(eps_low, eps_high)
     if dual_clip is not None and dual_clip <= 1:
         raise ValueError(f"dual_clip must be > 1; got {dual_clip}")
-    m, lp, old, adv, w = _prepare(logprobs, old_logprobs, advantages, mask, is_weights)
+    layout = {"seq_index": seq_index, "num_seqs": advantages.shape[0] if seq_index is not None else None}
+    m, lp, old, adv, w = _prepare(logprobs, old_logprobs, advantages, mask, is_weights, **layout)
     log_ratio = (lp - old).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     ratio = torch.exp(log_ratio)
     pg = _clip_max(-adv * ratio, -adv * ratio.clamp(1 - eps_low, 1 + eps_high))
@@ -102,7 +118,7 @@ def ppo_clip_loss(
         pg = torch.where(dual, pg_dual, pg)
     if w is not None:
         pg = pg * w
-    loss = aggregate(pg, m, agg, max_len=max_len, normalizer=normalizer)
+    loss = aggregate(pg, m, agg, max_len=max_len, normalizer=normalizer, **layout)
     with torch.no_grad():
         metrics = {
             "clip_frac_low": masked_mean(((adv < 0) & (ratio < 1 - eps_low)).float(), m),
@@ -127,6 +143,8 @@ def gspo_loss(
     max_len: int | None = None,
     normalizer: float | torch.Tensor | None = None,
     is_weights: torch.Tensor | None = None,
+    seq_index: torch.Tensor | None = None,
+    num_seqs: int | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """GSPO: sequence-level ratio s = exp(mean_t log r_t), clipped per sequence (paper defaults 3e-4 / 4e-4).
 
@@ -134,16 +152,18 @@ def gspo_loss(
     clip_frac_high (A > 0, s > 1 + eps_high), ratio_mean and ratio_max of s; approx_kl over tokens as in PPO.
     """
     _check_eps(eps_low, eps_high)
-    m, lp, old, adv, w = _prepare(logprobs, old_logprobs, advantages, mask, is_weights)
-    n_tok = m.sum(-1)
-    seq_log_ratio = ((lp - old).sum(-1) / n_tok.clamp(min=1)).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).detach()
-    s_tok = torch.exp(lp - lp.detach() + seq_log_ratio[:, None])  # value s, d s_t / d logp_t = s
+    layout = {"seq_index": seq_index, "num_seqs": advantages.shape[0] if seq_index is not None else None}
+    m, lp, old, adv, w = _prepare(logprobs, old_logprobs, advantages, mask, is_weights, **layout)
+    n_tok = row_sum(m.long(), m, **layout)
+    seq_log_ratio = (row_sum(lp - old, m, **layout) / n_tok.clamp(min=1)).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    seq_log_ratio = seq_log_ratio.detach()
+    s_tok = torch.exp(lp - lp.detach() + per_token(seq_log_ratio, seq_index))  # value s, d s_t / d logp_t = s
     pg = _clip_max(-adv * s_tok, -adv * s_tok.clamp(1 - eps_low, 1 + eps_high))
     if w is not None:
         pg = pg * w
-    loss = aggregate(pg, m, agg, max_len=max_len, normalizer=normalizer)
+    loss = aggregate(pg, m, agg, max_len=max_len, normalizer=normalizer, **layout)
     with torch.no_grad():
-        s, a, seqs = seq_log_ratio.exp(), adv[:, 0], n_tok > 0
+        s, a, seqs = seq_log_ratio.exp(), advantages.detach().float(), n_tok > 0
         tok_log_ratio = (lp - old).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
         metrics = {
             "clip_frac_low": masked_mean(((a < 0) & (s < 1 - eps_low)).float(), seqs),
@@ -167,6 +187,8 @@ def cispo_loss(
     max_len: int | None = None,
     normalizer: float | torch.Tensor | None = None,
     is_weights: torch.Tensor | None = None,
+    seq_index: torch.Tensor | None = None,
+    num_seqs: int | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """CISPO: -sg(clip(r_t, 1 - eps_low, 1 + eps_high)) A logp_t. No token loses its gradient.
 
@@ -175,14 +197,15 @@ def cispo_loss(
     approx_kl.
     """
     _check_eps(eps_low, eps_high)
-    m, lp, old, adv, w = _prepare(logprobs, old_logprobs, advantages, mask, is_weights)
+    layout = {"seq_index": seq_index, "num_seqs": advantages.shape[0] if seq_index is not None else None}
+    m, lp, old, adv, w = _prepare(logprobs, old_logprobs, advantages, mask, is_weights, **layout)
     log_ratio = (lp - old).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     ratio = torch.exp(log_ratio).detach()
     lo = None if eps_low is None else 1 - eps_low
     pg = -ratio.clamp(min=lo, max=1 + eps_high) * adv * lp
     if w is not None:
         pg = pg * w
-    loss = aggregate(pg, m, agg, max_len=max_len, normalizer=normalizer)
+    loss = aggregate(pg, m, agg, max_len=max_len, normalizer=normalizer, **layout)
     with torch.no_grad():
         low = ratio < lo if lo is not None else torch.zeros_like(m)
         metrics = {
@@ -197,6 +220,7 @@ def cispo_loss(
 
 def pg_loss(
     logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
@@ -204,21 +228,35 @@ def pg_loss(
     max_len: int | None = None,
     normalizer: float | torch.Tensor | None = None,
     is_weights: torch.Tensor | None = None,
+    seq_index: torch.Tensor | None = None,
+    num_seqs: int | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
-    """Vanilla policy gradient (REINFORCE): l_t = -A logp_t. No metrics."""
-    m, lp, _, adv, w = _prepare(logprobs, None, advantages, mask, is_weights)
+    """Vanilla policy gradient (REINFORCE): l_t = -A logp_t, no ratio and no clipping (``old_logprobs`` only feed
+    the metrics ratio_mean, ratio_max and approx_kl)."""
+    layout = {"seq_index": seq_index, "num_seqs": advantages.shape[0] if seq_index is not None else None}
+    m, lp, old, adv, w = _prepare(logprobs, old_logprobs, advantages, mask, is_weights, **layout)
     pg = -adv * lp
     if w is not None:
         pg = pg * w
-    return aggregate(pg, m, agg, max_len=max_len, normalizer=normalizer), {}
+    loss = aggregate(pg, m, agg, max_len=max_len, normalizer=normalizer, **layout)
+    with torch.no_grad():
+        log_ratio = (lp - old).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+        ratio = log_ratio.exp()
+        metrics = {
+            "ratio_mean": masked_mean(ratio, m),
+            "ratio_max": masked_max(ratio, m),
+            "approx_kl": masked_mean(ratio - 1 - log_ratio, m),
+        }
+    return loss, metrics
 
 
 PolicyLoss = Callable[..., tuple[torch.Tensor, Metrics]]
-POLICY_LOSSES: dict[str, PolicyLoss] = {"ppo": ppo_clip_loss, "gspo": gspo_loss, "cispo": cispo_loss}
+POLICY_LOSSES: dict[str, PolicyLoss] = {"ppo": ppo_clip_loss, "gspo": gspo_loss, "cispo": cispo_loss, "pg": pg_loss}
 
 
 def get_policy_loss(name: str) -> PolicyLoss:
-    """The loss called ``name`` ("ppo" | "gspo" | "cispo"); all take (logprobs, old_logprobs, advantages, mask)."""
+    """The loss called ``name`` ("ppo" | "gspo" | "cispo" | "pg"); all take (logprobs, old_logprobs, advantages,
+    mask)."""
     if name not in POLICY_LOSSES:
         raise ValueError(f"unknown policy loss {name!r}; expected one of {tuple(POLICY_LOSSES)}")
     return POLICY_LOSSES[name]
