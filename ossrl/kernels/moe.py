@@ -5,12 +5,15 @@ is ever copied once per expert. On CUDA with bf16/fp16 the slices go through ``t
 launch; elsewhere a loop over the experts that were hit does the same math. Per-expert LoRA adapters ride on the
 same sorted activations and the same grouped GEMMs.
 
-MXFP4 experts, when no gradient flows to the input (rollouts, no-grad passes), go through a Triton grouped GEMM
-that reads the packed weights and dequantizes in registers (``mxfp4_ref.mxfp4_grouped_matmul``), on CUDA in
-bf16/fp16 once its self-check has passed. Otherwise decode-sized batches (fewer (token, expert) pairs than
-experts) take a third path when the weights are packed or there is no grouped GEMM: each pair gathers its own
-expert's weight (dequantizing only the chosen experts) and one batched matmul runs them all. It never reads group
-sizes on the host, so a CUDA graph can capture it; ``expert_path`` says which path a batch takes.
+An MXFP4 expert GEMM whose input needs no gradient goes through a Triton grouped GEMM that reads the packed
+weights and dequantizes in registers (``mxfp4_ref.mxfp4_grouped_matmul``), on CUDA in bf16/fp16 once its
+self-check has passed. The kernel has no backward, so this is decided for each of the two GEMMs from its own input:
+with a LoRA on ``gate_up_proj`` only and a frozen input (rollouts, no-grad passes, the first layer of an
+experts-only LoRA), gate_up takes the kernel while down_proj, whose input carries the LoRA's gradient, dequantizes.
+Otherwise decode-sized batches (fewer (token, expert) pairs than experts) take a third path when the weights are
+packed or there is no grouped GEMM: each pair gathers its own expert's weight (dequantizing only the chosen
+experts) and one batched matmul runs them all. It never reads group sizes on the host, so a CUDA graph can capture
+it; ``expert_path`` says which path a batch takes.
 """
 
 from __future__ import annotations
@@ -75,12 +78,13 @@ MXFP4_KERNEL_ROWS_PER_EXPERT = 64
 def expert_path(
     rows: int, num_experts: int, device: torch.device, dtype: torch.dtype, packed: bool, mxfp4_kernel: bool = False
 ) -> str:
-    """How ``moe_experts`` runs ``rows`` (token, expert) pairs: "mxfp4" (MXFP4 weights with a grouped GEMM that
-    dequantizes in registers: ``mxfp4_kernel``, on CUDA in bf16/fp16, no gradient to the input, and rollout-sized
-    batches: the kernel dequantizes a weight tile again for every block of rows), "gathered" (a
-    weight per pair; decode-sized batches of packed weights or without a grouped GEMM), "grouped"
-    (``torch._grouped_mm``) or "loop" (a matmul per hit expert: the only path that reads group sizes on the host,
-    which a CUDA graph cannot capture)."""
+    """How ``moe_experts`` runs ``rows`` (token, expert) pairs: "mxfp4" (rows sorted by expert, and the MXFP4 GEMMs
+    whose input needs no gradient go through the grouped GEMM that dequantizes in registers, the others dequantize
+    first: ``mxfp4_kernel`` says at least one GEMM can take the kernel (MXFP4 weight, on CUDA in bf16/fp16, no
+    gradient to its input); rollout-sized batches only: the kernel dequantizes a weight tile again for every block
+    of rows), "gathered" (a weight per pair; decode-sized batches of packed weights or without a grouped GEMM),
+    "grouped" (``torch._grouped_mm``) or "loop" (a matmul per hit expert: the only path that reads group sizes on
+    the host, which a CUDA graph cannot capture)."""
     grouped = _grouped_mm_works(device, dtype)
     if packed and mxfp4_kernel and grouped and rows <= MXFP4_KERNEL_ROWS_PER_EXPERT * num_experts:
         return "mxfp4"
@@ -151,7 +155,11 @@ def moe_experts(
     n, k = expert_ids.shape
     num_experts = gate_up_proj_bias.shape[0]
     packed = not isinstance(gate_up_proj, torch.Tensor) or not isinstance(down_proj, torch.Tensor)
-    path = expert_path(n * k, num_experts, x.device, x.dtype, packed, _mxfp4_kernel(x, gate_up_proj, down_proj))
+    # The kernel has no backward: each GEMM takes it only when no gradient flows to its own input. down_proj's
+    # input h needs one when anything it is computed from does (x, gate_up's weight, bias or LoRA).
+    h_needs_grad = _needs_grad(x, gate_up_proj, gate_up_proj_bias, *(gate_up_lora or ())[:2])
+    kernel = _mxfp4_kernel(x, gate_up_proj, _needs_grad(x)) or _mxfp4_kernel(x, down_proj, h_needs_grad)
+    path = expert_path(n * k, num_experts, x.device, x.dtype, packed, kernel)
     if path == "gathered":
         return _gathered_experts(x, expert_ids, expert_weights, gate_up_proj, gate_up_proj_bias, down_proj,
                                  down_proj_bias, alpha, limit, gate_up_lora, down_lora)  # fmt: skip
@@ -182,23 +190,28 @@ def _weight(w: Weight, ids: torch.Tensor | None, dtype: torch.dtype) -> torch.Te
 
 
 def _grouped(xs: torch.Tensor, w: Weight, counts: torch.Tensor, counts_list: list[int] | None, path: str):
-    if path == "mxfp4":
+    """One expert GEMM of the sorted rows: on the "mxfp4" path through the in-register kernel when ``w`` is MXFP4
+    and no gradient flows to ``xs`` (decided here, for this GEMM's own input), else dequantized + grouped GEMM."""
+    if path == "mxfp4" and _mxfp4_kernel(xs, w, _needs_grad(xs)):
         from ossrl.kernels.mxfp4_ref import mxfp4_grouped_matmul  # lazy: mxfp4_ref imports this module
 
         return mxfp4_grouped_matmul(xs, w.blocks, w.scales, counts)
     return grouped_matmul(xs, _weight(w, None, xs.dtype), counts, counts_list)
 
 
-def _mxfp4_kernel(x: torch.Tensor, gate_up_proj: Weight, down_proj: Weight) -> bool:
-    """Whether both weights are MXFP4 and can go through the in-register kernel: CUDA, it passed its self-check,
-    and no gradient has to flow back to ``x`` (the kernel has no backward)."""
-    if not (x.is_cuda and hasattr(gate_up_proj, "blocks") and hasattr(down_proj, "blocks")):
-        return False
-    if torch.is_grad_enabled() and x.requires_grad:
+def _needs_grad(*tensors: object) -> bool:
+    """Whether autograd records an op on any of ``tensors`` (a packed weight never needs one)."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def _mxfp4_kernel(x: torch.Tensor, w: Weight, needs_grad: bool) -> bool:
+    """Whether a GEMM of ``x``'s dtype and device by ``w`` can go through the in-register kernel: ``w`` is MXFP4, no
+    gradient flows to the GEMM's input (the kernel has no backward), CUDA, and the kernel passed its self-check."""
+    if needs_grad or not hasattr(w, "blocks"):
         return False
     from ossrl.kernels.mxfp4_ref import mxfp4_kernel_works  # lazy: mxfp4_ref imports this module
 
-    return mxfp4_kernel_works(x.device, x.dtype)
+    return mxfp4_kernel_works(x.device, x.dtype)  # False off CUDA and for fp32
 
 
 def _gathered_experts(

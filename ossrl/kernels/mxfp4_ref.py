@@ -130,10 +130,6 @@ def mxfp4_grouped_matmul(
 ) -> torch.Tensor:
     """The Triton kernel where it works (CUDA, self-checked), the reference elsewhere. Inference only: the kernel
     has no backward, so callers take the reference when gradients must flow to ``x``."""
-    if _kernel_ok(x):
+    if mxfp4_kernel_works(x.device, x.dtype):  # False off CUDA
         return _triton_op(x, blocks, scales, counts)
     return mxfp4_grouped_matmul_ref(x, blocks, scales, counts)
-
-
-def _kernel_ok(x: torch.Tensor) -> bool:
-    return x.is_cuda and mxfp4_kernel_works(x.device, x.dtype)
