@@ -290,3 +290,38 @@ def test_base_checkpoint_excludes_adapters(tmp_path):
     apply_lora(model, LoraConfig(r=4, targets=("q_proj", "gate_up_proj", "router")))
     reloaded = GptOss.from_pretrained(model.save_pretrained(tmp_path / "base"), dtype=torch.float32)  # strict load
     assert not any("lora" in name for name, _ in reloaded.named_parameters())
+
+
+def test_adapters_are_fp32_in_a_bf16_model_so_small_adam_steps_are_not_lost():
+    model = base_model().set_dtype(torch.bfloat16)
+    apply_lora(model, LoraConfig(r=4, targets=ALL_TARGETS))
+    params = lora_parameters(model)
+    assert model.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in params)
+    with torch.no_grad():
+        for p in params[1::2]:  # B: non-zero, so every A gets a gradient
+            p.normal_(0, 0.2)
+    logits = model(ids())
+    assert logits.dtype == torch.bfloat16
+    logits.float().square().mean().backward()
+    a_factors = params[0::2]
+    before = [a.detach().clone() for a in a_factors]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer.step()
+    for a, old in zip(a_factors, before, strict=True):
+        assert (a != old).float().mean() > 0.9  # Adam moves (almost) every entry by ~lr ...
+        assert (a.bfloat16() == old.bfloat16()).float().mean() > 0.9  # ... which bf16 adapters would have lost
+    states = [t for p in params for t in optimizer.state[p].values() if t.dim()]  # exp_avg, exp_avg_sq
+    assert len(states) == 2 * len(params) and all(t.dtype == torch.float32 for t in states)
+
+
+def test_an_adapter_saved_in_bf16_loads_into_fp32_adapters(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = model_with_lora(ALL_TARGETS)
+    path = save_peft_adapter(model, tmp_path / "adapter")
+    weights = path / "adapter_model.safetensors"
+    assert all(t.dtype == torch.float32 for t in load_file(weights).values())  # we save what we train
+    save_file({name: t.bfloat16() for name, t in load_file(weights).items()}, weights)  # as PEFT saves a bf16 run
+    fresh = load_peft_adapter(base_model().set_dtype(torch.bfloat16), path)
+    for ours, loaded in zip(lora_parameters(model), lora_parameters(fresh), strict=True):
+        assert loaded.dtype == torch.float32 and torch.equal(loaded, ours.bfloat16().float())

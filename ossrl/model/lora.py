@@ -2,7 +2,8 @@
 
 Every adapted weight W gets out = base(x) + (dropout(x) @ A^T @ B^T) * alpha / r; the base weights are frozen and
 never modified, so the rollout engine and the trainer run the same weights, and ``disabled_lora`` gives the reference
-policy (the base model) with no second copy in memory.
+policy (the base model) with no second copy in memory. A and B are fp32 whatever the model's dtype (an Adam update at
+lr 1e-5 is below bf16's resolution), cast to the input's dtype in each forward; the optimizer states follow them.
 
 Targets: the attention projections (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``), the experts (``gate_up_proj``,
 ``down_proj``: one A/B pair per expert, applied inside the grouped expert GEMMs of ``ossrl.kernels.moe``; the base
@@ -152,12 +153,13 @@ def apply_lora(
     """Attach fresh adapters in place and freeze every base weight; returns ``model``.
 
     A is drawn like PEFT's default (kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))), B is zero, so
-    the model's output is unchanged until B trains. Adapters are created in ``dtype`` (default: the model's)."""
+    the model's output is unchanged until B trains. Adapters are created in ``dtype``: fp32 by default, whatever the
+    model's dtype (the forward casts them to the input's dtype), so small updates are not rounded away."""
     if not isinstance(config, LoraConfig):
         raise TypeError(f"apply_lora needs a LoraConfig; got {type(config).__name__}")
     if lora_adapters(model):
         raise ValueError("the model already has LoRA adapters; build a fresh model to attach a different set")
-    dtype = dtype or model.dtype
+    dtype = dtype or torch.float32
     for p in model.parameters():
         p.requires_grad_(False)
     num_experts = model.config.num_local_experts
@@ -304,8 +306,9 @@ def config_from_peft(data: dict, source: str = CONFIG_FILE) -> LoraConfig:
 
 
 def save_peft_adapter(model: GptOss, directory: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors, loadable by ``PeftModel.from_pretrained`` on
-    transformers' ``GptOssForCausalLM`` and by ``load_peft_adapter``."""
+    """Write adapter_config.json + adapter_model.safetensors (in the adapters' dtype, fp32 unless chosen otherwise:
+    a resumed run continues from the exact values; PEFT casts on load), loadable by ``PeftModel.from_pretrained``
+    on transformers' ``GptOssForCausalLM`` and by ``load_peft_adapter``."""
     tensors = peft_state_dict(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -317,7 +320,8 @@ def save_peft_adapter(model: GptOss, directory: str | Path, *, base_model_name_o
 
 def load_peft_adapter(model: GptOss, directory: str | Path, *, dtype: torch.dtype | None = None) -> GptOss:
     """Load a PEFT LoRA adapter (ours or PEFT's) into ``model``: attaches adapters from its config when the model
-    has none, else checks they match (r, alpha, targets). Errors name the file and the tensor."""
+    has none (in ``dtype``, default fp32), else checks they match (r, alpha, targets). The values are cast to the
+    adapters' dtype (PEFT often saves bf16). Errors name the file and the tensor."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     for path in (config_path, weights_path):
