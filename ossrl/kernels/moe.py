@@ -155,10 +155,7 @@ def moe_experts(
     n, k = expert_ids.shape
     num_experts = gate_up_proj_bias.shape[0]
     packed = not isinstance(gate_up_proj, torch.Tensor) or not isinstance(down_proj, torch.Tensor)
-    # The kernel has no backward: each GEMM takes it only when no gradient flows to its own input. down_proj's
-    # input h needs one when anything it is computed from does (x, gate_up's weight, bias or LoRA).
-    h_needs_grad = _needs_grad(x, gate_up_proj, gate_up_proj_bias, *(gate_up_lora or ())[:2])
-    kernel = _mxfp4_kernel(x, gate_up_proj, _needs_grad(x)) or _mxfp4_kernel(x, down_proj, h_needs_grad)
+    kernel = _mxfp4_kernel(x, gate_up_proj, down_proj, gate_up_proj_bias, gate_up_lora)
     path = expert_path(n * k, num_experts, x.device, x.dtype, packed, kernel)
     if path == "gathered":
         return _gathered_experts(x, expert_ids, expert_weights, gate_up_proj, gate_up_proj_bias, down_proj,
@@ -192,7 +189,7 @@ def _weight(w: Weight, ids: torch.Tensor | None, dtype: torch.dtype) -> torch.Te
 def _grouped(xs: torch.Tensor, w: Weight, counts: torch.Tensor, counts_list: list[int] | None, path: str):
     """One expert GEMM of the sorted rows: on the "mxfp4" path through the in-register kernel when ``w`` is MXFP4
     and no gradient flows to ``xs`` (decided here, for this GEMM's own input), else dequantized + grouped GEMM."""
-    if path == "mxfp4" and _mxfp4_kernel(xs, w, _needs_grad(xs)):
+    if path == "mxfp4" and _kernel_for(xs, w, _needs_grad(xs)):
         from ossrl.kernels.mxfp4_ref import mxfp4_grouped_matmul  # lazy: mxfp4_ref imports this module
 
         return mxfp4_grouped_matmul(xs, w.blocks, w.scales, counts)
@@ -204,7 +201,21 @@ def _needs_grad(*tensors: object) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
-def _mxfp4_kernel(x: torch.Tensor, w: Weight, needs_grad: bool) -> bool:
+def _mxfp4_kernel(
+    x: torch.Tensor,
+    gate_up_proj: Weight,
+    down_proj: Weight,
+    gate_up_proj_bias: torch.Tensor | None = None,
+    gate_up_lora: LoraFactors | None = None,
+) -> bool:
+    """Whether at least one of the two expert GEMMs can take the in-register kernel (``expert_path``'s
+    ``mxfp4_kernel``). The kernel has no backward, so each GEMM is judged by its own input: gate_up by x, down_proj
+    by h, which needs a gradient when anything it is computed from does (x, gate_up's weight, bias or LoRA)."""
+    h_needs_grad = _needs_grad(x, gate_up_proj, gate_up_proj_bias, *(gate_up_lora or ())[:2])
+    return _kernel_for(x, gate_up_proj, _needs_grad(x)) or _kernel_for(x, down_proj, h_needs_grad)
+
+
+def _kernel_for(x: torch.Tensor, w: Weight, needs_grad: bool) -> bool:
     """Whether a GEMM of ``x``'s dtype and device by ``w`` can go through the in-register kernel: ``w`` is MXFP4, no
     gradient flows to the GEMM's input (the kernel has no backward), CUDA, and the kernel passed its self-check."""
     if needs_grad or not hasattr(w, "blocks"):
