@@ -1,12 +1,13 @@
 """The MXFP4 grouped GEMM that dequantizes in registers (``kernels/mxfp4_triton``) against its reference
-(``kernels/mxfp4_ref``: dequantize, then the grouped GEMM). Without CUDA the kernel runs in Triton's interpreter
+(``kernels/mxfp4_ref``: dequantize, then a matmul per expert). Without CUDA the kernel runs in Triton's interpreter
 (TRITON_INTERPRET=1, set in conftest), fp32 and fp16; bf16 and real shapes on a GPU."""
 
 import pytest
 import torch
 
 from ossrl.kernels import moe, mxfp4_ref
-from ossrl.kernels.mxfp4_ref import check_mxfp4_grouped_inputs, dequantize_mxfp4, mxfp4_grouped_matmul_ref
+from ossrl.kernels.mxfp4_format import check_mxfp4_grouped_inputs, dequantize_mxfp4
+from ossrl.kernels.mxfp4_ref import mxfp4_grouped_matmul_ref
 from ossrl.model.mxfp4 import MXFP4Weight
 
 INTERPRET = __import__("os").environ.get("TRITON_INTERPRET") == "1"

@@ -3,32 +3,33 @@
 Each kernel has a plain-torch reference with the same signature; the reference runs wherever the kernel cannot
 (CPU, unsupported dtype or head size) and is what tests compare against. A fallback is logged once, loudly. On CPU,
 training attention goes through PyTorch's fused CPU flash kernels where they apply (``attention_cpu``).
+
+One convention for every op: ONE dispatch function, beside its reference and its Triton kernel, picks the path;
+what the reference and the kernel both need (input checks, the numeric format) lives in a module of its own, so the
+import graph has no cycle (``tests/test_import_graph.py``), lazy imports included:
+
+  op                   dispatch                                 reference                 Triton kernel
+  sink attention       ``sink_attention`` (here)                ``attention_ref``         ``attention_triton``
+  paged decode         ``decode_ref.paged_decode_attention``    ``decode_ref``            ``decode_triton``
+  MXFP4 grouped GEMM   ``mxfp4_ref.mxfp4_grouped_matmul``       ``mxfp4_ref``             ``mxfp4_triton``
+  MoE experts          ``moe.moe_experts``                      (same module)             (uses the MXFP4 GEMM)
+
+Shared by the reference and the kernel: ``attention_ref`` (sink attention's checks), ``decode_inputs`` (paged
+decode's), ``mxfp4_format`` (MXFP4 numerics, the one place they live, and the MXFP4 GEMM's checks). ``common``
+holds ``warn_once`` and ``triton_interpreting``; kernel modules import them from there, never from this package.
+Triton modules are imported only by their dispatch, when a CUDA tensor needs them: importing Triton reads
+TRITON_INTERPRET, and CPU-only installs need no Triton.
 """
 
 from __future__ import annotations
-
-import logging
-import os
 
 import torch
 
 from ossrl.kernels import attention_cpu
 from ossrl.kernels.attention_ref import check_sink_attention_inputs, sink_attention_ref
+from ossrl.kernels.common import _warned as _warned  # the set lives in common: reset common._warned to re-warn
+from ossrl.kernels.common import triton_interpreting, warn_once
 from ossrl.kernels.decode_ref import check_paged_decode_inputs, paged_decode_attention, paged_decode_attention_ref
-
-log = logging.getLogger(__name__)
-_warned: set[str] = set()
-
-
-def triton_interpreting() -> bool:
-    """Whether Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1): the tests' way to run them on CPU."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(message)
 
 
 def sink_attention(
@@ -89,5 +90,6 @@ __all__ = [
     "paged_decode_attention_ref",
     "paged_decode_attention_triton",
     "check_paged_decode_inputs",
+    "triton_interpreting",
     "warn_once",
 ]

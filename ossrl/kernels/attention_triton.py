@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ossrl.kernels import triton_interpreting
 from ossrl.kernels.attention_ref import check_sink_attention_inputs
+from ossrl.kernels.common import triton_interpreting
 
 LOG2E = math.log2(math.e)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)

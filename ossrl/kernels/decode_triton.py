@@ -26,8 +26,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ossrl.kernels import triton_interpreting
-from ossrl.kernels.decode_ref import DEFAULT_KV_CHUNK, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, check_paged_decode_inputs
+from ossrl.kernels.common import triton_interpreting
+from ossrl.kernels.decode_inputs import (
+    DEFAULT_KV_CHUNK,
+    SUPPORTED_DTYPES,
+    SUPPORTED_HEAD_DIMS,
+    check_paged_decode_inputs,
+)
 
 # Key tile (positions per gathered load), warps, pipeline stages of the partial kernel. (32, 4, 3) compiles without
 # register spills on sm_90 at head dim 64; benchmarks/attention.py --sweep may overwrite it.

@@ -23,7 +23,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from ossrl.kernels import warn_once
+from ossrl.kernels import mxfp4_ref
+from ossrl.kernels.common import warn_once
 
 
 class PackedWeight(Protocol):
@@ -190,9 +191,7 @@ def _grouped(xs: torch.Tensor, w: Weight, counts: torch.Tensor, counts_list: lis
     """One expert GEMM of the sorted rows: on the "mxfp4" path through the in-register kernel when ``w`` is MXFP4
     and no gradient flows to ``xs`` (decided here, for this GEMM's own input), else dequantized + grouped GEMM."""
     if path == "mxfp4" and _kernel_for(xs, w, _needs_grad(xs)):
-        from ossrl.kernels.mxfp4_ref import mxfp4_grouped_matmul  # lazy: mxfp4_ref imports this module
-
-        return mxfp4_grouped_matmul(xs, w.blocks, w.scales, counts)
+        return mxfp4_ref.mxfp4_grouped_matmul(xs, w.blocks, w.scales, counts)
     return grouped_matmul(xs, _weight(w, None, xs.dtype), counts, counts_list)
 
 
@@ -220,9 +219,7 @@ def _kernel_for(x: torch.Tensor, w: Weight, needs_grad: bool) -> bool:
     gradient flows to the GEMM's input (the kernel has no backward), CUDA, and the kernel passed its self-check."""
     if needs_grad or not hasattr(w, "blocks"):
         return False
-    from ossrl.kernels.mxfp4_ref import mxfp4_kernel_works  # lazy: mxfp4_ref imports this module
-
-    return mxfp4_kernel_works(x.device, x.dtype)  # False off CUDA and for fp32
+    return mxfp4_ref.mxfp4_kernel_works(x.device, x.dtype)  # False off CUDA and for fp32
 
 
 def _gathered_experts(

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ossrl.kernels import triton_interpreting
-from ossrl.kernels.mxfp4_ref import check_mxfp4_grouped_inputs
+from ossrl.kernels.common import triton_interpreting
+from ossrl.kernels.mxfp4_format import check_mxfp4_grouped_inputs
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); BLOCK_K is a multiple of the 32-value MXFP4 block.
 MXFP4_CONFIG: tuple[int, int, int, int, int] = (16, 64, 64, 4, 3)

@@ -1,5 +1,9 @@
 """Reading and writing HF-format gpt-oss checkpoints: config.json + safetensors (single file or sharded with an
-index), with expert weights either dense (bf16 releases) or MXFP4 (``*_blocks`` + ``*_scales``, as OpenAI ships)."""
+index), with expert weights either dense (bf16 releases) or MXFP4 (``*_blocks`` + ``*_scales``, as OpenAI ships).
+
+``GptOss.from_pretrained`` / ``save_pretrained`` are the entry points (they call ``load_weights`` /
+``write_checkpoint``); this module works on any module with GptOss's parameter names and config, and never imports
+the model (``gpt_oss`` imports it: no cycle)."""
 
 from __future__ import annotations
 
@@ -12,8 +16,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ossrl.model.config import GptOssConfig
-from ossrl.model.gpt_oss import GptOss, _keeps_fp32
 from ossrl.model.mxfp4 import BLOCK, MXFP4Weight
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,11 @@ SINGLE_FILE = "model.safetensors"
 MXFP4_SUFFIXES = ("_blocks", "_scales")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
 HUB_IGNORE = ["original/*", "metal/*"]
+
+
+def keeps_fp32(name: str) -> bool:
+    """Parameters kept in fp32 whatever the model's dtype, as released: attention sinks and norm weights."""
+    return name.endswith("sinks") or name.endswith("norm.weight")
 
 
 def resolve_checkpoint_dir(path_or_hub_id: str | Path) -> Path:
@@ -66,24 +73,21 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor | nn.Module) ->
         setattr(owner, leaf, nn.Parameter(value, requires_grad=value.is_floating_point()))
 
 
-def load_pretrained(
-    path_or_hub_id: str | Path,
+def load_weights(
+    model: nn.Module,
+    directory: Path,
     *,
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     keep_mxfp4: bool = True,
     strict: bool = True,
-) -> GptOss:
-    """Build a GptOss from a checkpoint. MXFP4 experts stay packed (``MXFP4Weight``) unless ``keep_mxfp4=False``,
-    in which case they are dequantized to ``dtype``. Missing tensors are always an error; unexpected ones are an
-    error when ``strict`` (else a warning). Shapes are checked tensor by tensor."""
-    directory = resolve_checkpoint_dir(path_or_hub_id)
-    config = GptOssConfig.from_json(directory / "config.json")
+) -> None:
+    """Fill ``model`` (built on the meta device, cast to ``dtype``) from the safetensors of ``directory``. MXFP4
+    experts stay packed (``MXFP4Weight``) unless ``keep_mxfp4=False``, in which case they are dequantized to
+    ``dtype``. Missing tensors are always an error; unexpected ones are an error when ``strict`` (else a warning).
+    Shapes are checked tensor by tensor."""
     files = weight_files(directory)
     device = torch.device(device)
-    with torch.device("meta"):
-        model = GptOss(config)
-    model.set_dtype(dtype)
     expected = {name: p.shape for name, p in model.named_parameters()}
     expert_mats = {n for n in expected if n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
     for name in expert_mats:  # the MXFP4 form of [E, in, out] is blocks [E, out, in/32, 16] + scales [E, out, in/32]
@@ -112,7 +116,7 @@ def load_pretrained(
                     base = name[: -len("_blocks")]
                     packed.setdefault(base, {})[name[len(base) + 1 :]] = tensor
                     continue
-                target = torch.float32 if _keeps_fp32(name) else dtype
+                target = torch.float32 if keeps_fp32(name) else dtype
                 _set_tensor(model, name, tensor.to(target))
                 loaded.add(name)
     for base, parts in packed.items():
@@ -132,14 +136,13 @@ def load_pretrained(
         if strict:
             raise ValueError(message)
         log.warning(message)
-    return model
 
 
 def _names(names: list[str], limit: int = 12) -> str:
     return ", ".join(names[:limit]) + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
-def quantize_experts(model: GptOss) -> GptOss:
+def quantize_experts(model: nn.Module) -> nn.Module:
     """Pack every dense expert matrix into MXFP4 in place, as an MXFP4 checkpoint loads (``MXFP4Weight``, frozen);
     the dense weights are freed. Returns ``model``."""
     for name, param in list(model.named_parameters()):
@@ -148,7 +151,7 @@ def quantize_experts(model: GptOss) -> GptOss:
     return model
 
 
-def checkpoint_tensors(model: GptOss, mxfp4: bool) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(model: nn.Module, mxfp4: bool) -> dict[str, torch.Tensor]:
     """The tensors of the HF on-disk form, expert matrices as MXFP4 blocks/scales when ``mxfp4``. LoRA adapters
     are not part of the base checkpoint (``ossrl.model.lora.save_peft_adapter`` writes them)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -170,7 +173,10 @@ def checkpoint_tensors(model: GptOss, mxfp4: bool) -> dict[str, torch.Tensor]:
     return {name: t.contiguous().cpu() for name, t in tensors.items()}
 
 
-def save_pretrained(model: GptOss, path: str | Path, *, mxfp4: bool = False, max_shard_bytes: int = 5 * 2**30) -> Path:
+def write_checkpoint(
+    model: nn.Module, path: str | Path, *, mxfp4: bool = False, max_shard_bytes: int = 5 * 2**30
+) -> Path:
+    """``GptOss.save_pretrained``: config.json + safetensors, sharded with an index past ``max_shard_bytes``."""
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config.to_hf_dict()

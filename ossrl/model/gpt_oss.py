@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ossrl.kernels import sink_attention
 from ossrl.kernels.moe import moe_experts
+from ossrl.model.checkpoint import keeps_fp32, load_weights, resolve_checkpoint_dir, write_checkpoint
 from ossrl.model.config import GptOssConfig
 from ossrl.model.mxfp4 import MXFP4Weight
 
@@ -363,7 +364,7 @@ class GptOss(nn.Module):
     def set_dtype(self, dtype: torch.dtype) -> GptOss:
         """Cast to ``dtype``, keeping norms and sinks in fp32 (as released) and MXFP4 weights packed."""
         for name, param in self.named_parameters():
-            if not _keeps_fp32(name):
+            if not keeps_fp32(name):
                 param.data = param.data.to(dtype)
         return self
 
@@ -388,17 +389,16 @@ class GptOss(nn.Module):
         keep_mxfp4: bool = True,
         strict: bool = True,
     ) -> GptOss:
-        """Load an HF-format gpt-oss checkpoint (bf16, or MXFP4 experts) from a directory or the Hub."""
-        from ossrl.model.checkpoint import load_pretrained
-
-        return load_pretrained(path_or_hub_id, dtype=dtype, device=device, keep_mxfp4=keep_mxfp4, strict=strict)
+        """Load an HF-format gpt-oss checkpoint (bf16, or MXFP4 experts) from a directory or the Hub. MXFP4 experts
+        stay packed (``MXFP4Weight``) unless ``keep_mxfp4=False`` (then dequantized to ``dtype``). Missing tensors are
+        an error; unexpected ones too when ``strict`` (else a warning). Reading: ``ossrl.model.checkpoint``."""
+        directory = resolve_checkpoint_dir(path_or_hub_id)
+        with torch.device("meta"):  # no weights are allocated before the checkpoint's own are read
+            model = cls(GptOssConfig.from_json(directory / "config.json"))
+        model.set_dtype(dtype)
+        load_weights(model, directory, dtype=dtype, device=device, keep_mxfp4=keep_mxfp4, strict=strict)
+        return model
 
     def save_pretrained(self, path: str | Path, *, mxfp4: bool = False, max_shard_bytes: int = 5 * 2**30) -> Path:
         """Write an HF-format checkpoint directory (config.json + safetensors, sharded with an index if large)."""
-        from ossrl.model.checkpoint import save_pretrained
-
-        return save_pretrained(self, path, mxfp4=mxfp4, max_shard_bytes=max_shard_bytes)
-
-
-def _keeps_fp32(name: str) -> bool:
-    return name.endswith("sinks") or name.endswith("norm.weight")
+        return write_checkpoint(self, path, mxfp4=mxfp4, max_shard_bytes=max_shard_bytes)
