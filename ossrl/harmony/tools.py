@@ -1,15 +1,21 @@
 """Tool definitions in Harmony: JSON schema -> the TypeScript-like ``namespace functions { ... }`` block.
 
-The rules follow openai/harmony's renderer (the spec's reference implementation) so that the model sees tools
-exactly as in training: descriptions as ``//`` comments above a field, ``?`` for optional fields, enums as unions
-of string literals, defaults as trailing comments, ``() => any`` for a function without arguments.
+The rules follow openai/harmony's renderer (``json_schema_to_typescript`` in src/encoding.rs, the spec's reference
+implementation) so that the model sees tools exactly as in training: descriptions as ``//`` comments above a field,
+``?`` for optional fields, enums as unions of string literals, defaults as trailing comments (strings in quotes as
+they are, other values as serde_json's compact JSON), ``() => any`` for a function without arguments. A tool whose
+parameters are not JSON schema where the renderer reads them (``"enum": "celsius"``, ``"items": "string"``, a NaN
+default) is refused with a ValueError naming the tool and the parameter (:func:`check_tool_schema`) rather than
+rendered as harmony would, silently dropping what its author meant.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from ossrl.harmony.messages import Tool
 
@@ -63,42 +69,155 @@ When you send a message containing Python code to python, it will be executed in
 BUILTIN_TOOLS: dict[str, str] = {"browser": BROWSER_SECTION, "python": PYTHON_SECTION}
 
 
+def _ryu(x: float) -> str:
+    """A float as serde_json writes it (the ryu crate's ``format64``): ``1.0``, ``1e16``, ``0.00001``, ``1.5e-7``."""
+    if not math.isfinite(x):
+        raise ValueError(f"{x} is not a JSON number")
+    if x == 0:
+        return "-0.0" if math.copysign(1.0, x) < 0 else "0.0"
+    mantissa, _, exp = repr(abs(x)).partition("e")  # repr: the same shortest round-trip digits as ryu
+    whole, _, frac = mantissa.partition(".")
+    digits = (whole + frac).lstrip("0")
+    k = int(exp or 0) - len(frac) + len(digits) - len(digits.rstrip("0"))  # value = digits * 10**k
+    digits = digits.rstrip("0")
+    n, kk = len(digits), len(digits) + k  # 10**(kk-1) <= value < 10**kk
+    if 0 <= k and kk <= 16:
+        out = digits + "0" * k + ".0"
+    elif 0 < kk <= 16:
+        out = f"{digits[:kk]}.{digits[kk:]}"
+    elif -5 < kk <= 0:
+        out = "0." + "0" * -kk + digits
+    else:
+        out = f"{digits[0]}{'.' + digits[1:] if n > 1 else ''}e{kk - 1}"
+    return ("-" if x < 0 else "") + out
+
+
+_U64_MAX, _I32_MAX = 2**64 - 1, 2**31 - 1
+_JSON_NUMBER = re.compile(r"(-?)(\d+)(?:\.(\d+))?(?:[eE]([+-]?)(\d+))?")
+
+
+def _serde_number(text: str) -> int | float:
+    """The number serde_json reads from the JSON ``text`` of a number, as harmony builds it (without the
+    ``float_roundtrip`` feature; serde_json's ``parse_integer`` .. ``f64_from_parts``): a u64 or i64 stays an integer;
+    anything else is its first digits that fit a u64, times or divided by a power of ten in f64 arithmetic, which can
+    be a bit off the correctly rounded value (``1.1e-30`` is read as ``1.1000000000000001e-30``)."""
+    m = _JSON_NUMBER.fullmatch(text)
+    if m is None:
+        raise ValueError(f"{text} is not a JSON number")
+    sign, whole, frac, exp_sign, exp_digits = m.groups()
+
+    def overflows(sig: int, digit: int) -> bool:
+        return sig >= _U64_MAX // 10 and (sig > _U64_MAX // 10 or digit > _U64_MAX % 10)
+
+    sig, exponent, long_integer = 0, 0, False
+    for i, ch in enumerate(whole):
+        if overflows(sig, int(ch)):  # parse_long_integer: the remaining integer digits only scale
+            sig, exponent, long_integer = sig, len(whole) - i, True
+            break
+        sig = sig * 10 + int(ch)
+    if frac is None and exp_digits is None and not long_integer:
+        if not sign:
+            return sig
+        return -sig if 0 < sig <= 2**63 else -float(sig)  # i64, else f64 (as for -0)
+    for ch in frac or "":  # parse_decimal: digits that would overflow the u64 are dropped
+        if overflows(sig, int(ch)):
+            break
+        sig, exponent = sig * 10 + int(ch), exponent - 1
+    if exp_digits is not None:
+        exp = int(exp_digits)
+        if exp > _I32_MAX:  # parse_exponent_overflow
+            if sig and exp_sign != "-":
+                raise ValueError(f"{text} is out of range for a JSON number")
+            return -0.0 if sign else 0.0
+        exponent = max(-(2**31), min(_I32_MAX, exponent - exp if exp_sign == "-" else exponent + exp))
+    f = float(sig)
+    while True:  # f64_from_parts
+        if abs(exponent) <= 308:
+            if exponent >= 0:
+                f *= float(f"1e{exponent}")
+                if math.isinf(f):
+                    raise ValueError(f"{text} is out of range for a JSON number")
+            else:
+                f /= float(f"1e{-exponent}")
+            break
+        if f == 0.0:
+            break
+        if exponent >= 0:
+            raise ValueError(f"{text} is out of range for a JSON number")
+        f /= 1e308
+        exponent += 308
+    return -f if sign else f
+
+
 def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def _is_enum(schema: Mapping[str, Any]) -> bool:
-    return isinstance(schema.get("enum"), list) and len(schema["enum"]) > 0
-
-
-def _default(value: Any, schema: Mapping[str, Any], *, quote_enum: bool) -> str:
-    # A string default is quoted unless the field is an enum (whose literals are already quoted in the type).
-    if isinstance(value, str) and (quote_enum or not _is_enum(schema)):
-        return f'default: "{value}"'
+    """``value`` as harmony prints a JSON value (``format!("{default}")``: serde_json's compact ``Display``) after
+    openai_harmony sent it to Rust as Python's JSON: keys in order, strings escaped as JSON, numbers as serde_json
+    reads (:func:`_serde_number`) and ryu writes them (:func:`_ryu`)."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{value} is not a JSON number")
+        number = _serde_number(json.dumps(value))
+        return str(number) if isinstance(number, int) else _ryu(number)
     if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(_json, value)) + "]"
+    if isinstance(value, Mapping):
+        if not all(k is None or isinstance(k, (str, int, float)) for k in value):
+            raise ValueError("an object's keys must be strings")
+        keys = [k if isinstance(k, str) else json.dumps(k) for k in value]  # what a JSON round trip makes of a key
+        return "{" + ",".join(f"{_json(k)}:{_json(v)}" for k, v in zip(keys, value.values(), strict=True)) + "}"
+    raise ValueError(f"a {type(value).__name__} is not a JSON value")
+
+
+def _get(schema: Any, key: str) -> Any:
+    # serde_json's Value::get: None for a missing key and for anything that is not an object
+    return schema.get(key) if isinstance(schema, Mapping) else None
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple))
+
+
+def _is_enum(schema: Any) -> bool:
+    enum = _get(schema, "enum")
+    return _is_list(enum) and len(enum) > 0
+
+
+def _default(value: Any, schema: Any, *, bare_enum: bool) -> str:
+    # harmony: a string default in quotes, as is (no escaping: `default: "he said "hi""`); an enum field's string
+    # default bare where `bare_enum` (properties), else as JSON (top-level oneOf variants); other values as JSON
+    if isinstance(value, str) and not _is_enum(schema):
+        return f'default: "{value}"'
+    if isinstance(value, str) and bare_enum:
         return f"default: {value}"
     return f"default: {_json(value)}"
 
 
-def _nullable(type_str: str, schema: Mapping[str, Any]) -> str:
-    return f"{type_str} | null" if schema.get("nullable") is True and "null" not in type_str else type_str
+def _nullable(type_str: str, schema: Any) -> str:
+    return f"{type_str} | null" if _get(schema, "nullable") is True and "null" not in type_str else type_str
 
 
-def schema_to_typescript(schema: Mapping[str, Any], indent: str = "") -> str:
-    """Render one JSON schema as a TypeScript type (the reference renderer's ``json_schema_to_typescript``)."""
-    one_of = schema.get("oneOf")
-    if isinstance(one_of, list):
+def schema_to_typescript(schema: Any, indent: str = "") -> str:
+    """Render one JSON schema as a TypeScript type, as openai/harmony's ``json_schema_to_typescript``
+    (src/encoding.rs) does, malformed parts included: a non-list ``enum`` is ignored (``string``), ``items`` that is
+    not an object (a tuple list, ``true``, null) is ``any[]``, anything but an object schema is ``any``. Tools are
+    checked before rendering (:func:`check_tool_schema`), so such schemas raise there instead."""
+    one_of = _get(schema, "oneOf")
+    if _is_list(one_of):
         out = ""
         for variant in one_of:
             out += f"\n{indent} | " + _nullable(schema_to_typescript(variant, indent + "   "), variant)
-            comments = [variant["description"]] if isinstance(variant.get("description"), str) else []
-            if "default" in variant:
-                comments.append(_default(variant["default"], variant, quote_enum=True))
+            comments = [_get(variant, "description")] if isinstance(_get(variant, "description"), str) else []
+            if isinstance(variant, Mapping) and "default" in variant:
+                comments.append(_default(variant["default"], variant, bare_enum=False))
             if comments:
                 out += " // " + " ".join(comments)
         return out
-    kind = schema.get("type")
-    if isinstance(kind, list):
+    kind = _get(schema, "type")
+    if _is_list(kind):
         names = ["number" if t == "integer" else t for t in kind if isinstance(t, str)]
         if names:
             return " | ".join(names)
@@ -106,15 +225,15 @@ def schema_to_typescript(schema: Mapping[str, Any], indent: str = "") -> str:
     if kind == "object":
         return _object_to_typescript(schema, indent)
     if kind == "string":
-        literals = [f'"{v}"' for v in schema.get("enum") or [] if isinstance(v, str)]
+        enum = schema.get("enum")
+        literals = [f'"{v}"' for v in enum if isinstance(v, str)] if _is_list(enum) else []
         return " | ".join(literals) if literals else "string"
     if kind in ("number", "integer"):
         return "number"
     if kind == "boolean":
         return "boolean"
     if kind == "array":
-        items = schema.get("items")
-        return f"{schema_to_typescript(items, indent)}[]" if isinstance(items, Mapping) else "Array<any>"
+        return f"{schema_to_typescript(schema['items'], indent)}[]" if "items" in schema else "Array<any>"
     return "any"
 
 
@@ -123,50 +242,103 @@ def _object_to_typescript(schema: Mapping[str, Any], indent: str) -> str:
     out += "{\n"
     props = schema.get("properties")
     props = props if isinstance(props, Mapping) else {}
-    required = {r for r in schema.get("required") or [] if isinstance(r, str)}
+    req = schema.get("required")
+    required = {r for r in req if isinstance(r, str)} if _is_list(req) else set()
     for key, val in props.items():
-        val = val if isinstance(val, Mapping) else {}
         opt = "" if key in required else "?"
-        if isinstance(val.get("title"), str):
+        if isinstance(_get(val, "title"), str):
             out += f"{indent}// {val['title']}\n{indent}//\n"
-        one_of = val.get("oneOf")
-        if one_of is None and isinstance(val.get("description"), str):
+        has_one_of = isinstance(val, Mapping) and "oneOf" in val  # even a malformed oneOf hides these comments
+        if not has_one_of and isinstance(_get(val, "description"), str):
             out += f"{indent}// {val['description']}\n"
-        examples = val.get("examples")
-        if isinstance(examples, list) and examples:
+        examples = _get(val, "examples")
+        if _is_list(examples) and examples:
             out += f"{indent}// Examples:\n"
             out += "".join(f'{indent}// - "{ex}"\n' for ex in examples if isinstance(ex, str))
-        if isinstance(one_of, list):
-            out += _property_one_of(key, opt, val, one_of, indent)
+        if has_one_of and _is_list(val["oneOf"]):
+            out += _property_one_of(key, opt, val, val["oneOf"], indent)
             continue
         out += f"{indent}{key}{opt}: " + _nullable(schema_to_typescript(val, indent + "    "), val) + ","
-        if "default" in val:
-            out += " // " + _default(val["default"], val, quote_enum=False)
+        if not has_one_of and isinstance(val, Mapping) and "default" in val:
+            out += " // " + _default(val["default"], val, bare_enum=True)
         out += "\n"
     return out + f"{indent}}}"
 
 
-def _property_one_of(key: str, opt: str, val: Mapping[str, Any], one_of: list[Any], indent: str) -> str:
+def _property_one_of(key: str, opt: str, val: Mapping[str, Any], one_of: Sequence[Any], indent: str) -> str:
     """A field whose type is a ``oneOf``: one ``| variant`` line each, the field's description above (once)."""
     desc = val.get("description") if isinstance(val.get("description"), str) else None
-    first_desc = one_of[0].get("description") if one_of and isinstance(one_of[0], Mapping) else None
+    first_desc = _get(one_of[0], "description") if one_of else None
     above = desc is not None and desc != first_desc
     out = f"{indent}// {desc}\n" if above else ""
     if "default" in val:
-        out += f"{indent}// {_default(val['default'], val, quote_enum=False)}\n"
+        out += f"{indent}// {_default(val['default'], val, bare_enum=True)}\n"
     out += f"{indent}{key}{opt}:\n"
     for i, variant in enumerate(one_of):
         out += f"{indent} | " + _nullable(schema_to_typescript(variant, indent + "   "), variant)
         comments = []
-        v_desc = variant.get("description")
+        v_desc = _get(variant, "description")
         if not (i == 0 and above) and isinstance(v_desc, str) and v_desc != desc:
             comments.append(v_desc)
-        if "default" in variant:
-            comments.append(_default(variant["default"], variant, quote_enum=False))
+        if isinstance(variant, Mapping) and "default" in variant:
+            comments.append(_default(variant["default"], variant, bare_enum=True))
         if comments:
             out += " // " + " ".join(comments)
         out += "\n"
     return out + f"{indent},\n"
+
+
+def check_tool_schema(tool: str, parameters: Any) -> None:
+    """Raise ValueError, naming the tool and the parameter, for what is not JSON schema where harmony's renderer
+    reads it: a schema that is not an object (or ``true``/``false``), an ``enum`` that is not a list (``"enum":
+    "celsius"``: harmony would drop it and show a plain ``string``), ``items`` that is neither a schema nor a list
+    of schemas, a ``oneOf`` or ``properties`` of the wrong kind, a ``default`` that is not JSON (NaN, infinity, a
+    set). Anything harmony renders from valid JSON schema (tuple ``items`` lists: ``any[]``; quotes in defaults,
+    written as is) renders as harmony renders it."""
+    if parameters is None:
+        return
+
+    def fail(path: str, problem: str) -> NoReturn:
+        raise ValueError(f"tool {tool!r}: {f'parameter {path!r}' if path else 'parameters'}: {problem}")
+
+    def kind(value: Any) -> str:
+        return "null" if value is None else f"a {type(value).__name__} ({value!r:.40})"
+
+    def walk(schema: Any, path: str) -> None:
+        if isinstance(schema, bool):
+            return
+        if not isinstance(schema, Mapping):
+            fail(path, f"a schema must be an object, got {kind(schema)}")
+        if "enum" in schema and not _is_list(schema["enum"]):
+            fail(path, f'"enum" must be a list of values, got {kind(schema["enum"])}')
+        if "default" in schema:
+            try:
+                _json(schema["default"])
+            except ValueError as e:
+                fail(path, f'"default" is not JSON: {e}')
+        props = schema.get("properties", {})
+        if not isinstance(props, Mapping):
+            fail(path, f'"properties" must be an object, got {kind(props)}')
+        for key, val in props.items():
+            walk(val, f"{path}.{key}" if path else str(key))
+        if "items" in schema:
+            items = schema["items"]
+            if _is_list(items):  # tuple validation (JSON schema before 2020-12): harmony shows `any[]`
+                for i, item in enumerate(items):
+                    walk(item, f"{path}[{i}]")
+            elif isinstance(items, (Mapping, bool)):
+                walk(items, f"{path}[]")
+            else:
+                fail(path, f'"items" must be a schema or a list of schemas, got {kind(items)}')
+        if "oneOf" in schema:
+            if not _is_list(schema["oneOf"]):
+                fail(path, f'"oneOf" must be a list of schemas, got {kind(schema["oneOf"])}')
+            for i, variant in enumerate(schema["oneOf"]):
+                walk(variant, f"{path}.oneOf[{i}]" if path else f"oneOf[{i}]")
+
+    if not isinstance(parameters, Mapping):
+        fail("", f"must be an object schema, got {kind(parameters)}")
+    walk(parameters, "")
 
 
 def _takes_arguments(parameters: Mapping[str, Any] | None) -> bool:
@@ -184,6 +356,7 @@ def render_tool_namespace(name: str, tools: Sequence[Tool | Mapping[str, Any]], 
     if tools:
         lines.append(f"namespace {name} {{\n")
         for tool in map(Tool.coerce, tools):
+            check_tool_schema(tool.name, tool.parameters)
             lines.extend(f"// {line}" for line in tool.description.splitlines())
             if _takes_arguments(tool.parameters):
                 lines.append(f"type {tool.name} = (_: {schema_to_typescript(tool.parameters or {})}) => any;\n")
