@@ -40,6 +40,7 @@ from ossrl.tasks.gsm8k import correct_reward, format_reward
          "last_number"),
         ("#### 1. April\n48 clips\n#### 2. May\n24 clips\n#### 72", "72", "hashes"),
         ("####\n**72**", "72", "hashes"),
+        ("#### 72.\nThat is 48 + 24.", "72", "hashes"),
         ("#### \\(72\\)", "72", "hashes"),
         ("#### \\sqrt{2}\nfrom 2 squares", "\\sqrt{2}", "hashes"),
         ("#### $1,000 for 12 months", "$1,000", "hashes"),
@@ -115,6 +116,14 @@ def test_hedging_over_several_answers_gets_no_credit(text):
 def test_repeated_marks_that_agree_are_one_answer(text, answer, how):
     assert extract_answer(text) == (answer, how)
     assert answers_match("18" if "18" in text else "0.75", answer)
+
+
+@pytest.mark.parametrize(
+    "gold, text",
+    [("18", "\\boxed{\\$18}"), ("45", "\\boxed{45\\%}"), ("1000", "\\boxed{\\$1,000}"), ("18", "#### \\$18.00")],
+)
+def test_latex_escaped_dollar_and_percent(gold, text):
+    assert check_answer(gold, text)[0] is True
 
 
 def test_many_marks_stay_cheap():

@@ -57,7 +57,7 @@ _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BRACE = re.compile(r"[{}]")
 _BOLD = re.compile(r"\*\*([^*\n]{1,100}?)\*\*")
 _LABEL = re.compile(r"[A-Za-z][A-Za-z ]{0,40}:\s*")  # "Total:" before a bold number
-_NUMBERED_HEADING = re.compile(r"[.)]\s*[A-Za-z]")  # "#### 1. April"
+_NUMBERED_HEADING = re.compile(r"[.)][ \t]+[A-Za-z]")  # "#### 1. April"
 _LIST_LABEL = re.compile(r"\d+[.):]")  # "**1.**" numbers a step, it is no answer
 _OR = re.compile(r"\bor\b|\\lor\b", re.IGNORECASE)
 _MAX_OR_GAP = 24  # "17 or 18", "17 \text{ or } 18", "17 apples, or 18": text between the two numbers
@@ -183,8 +183,10 @@ def extract_answer(text: str | None) -> tuple[str | None, str]:
 
 
 def simple_number(text: str) -> float | None:
-    """A plain number after removing ``$``, ``,``, ``%``, spaces and a trailing ``.``; None for anything else."""
-    s = text.strip().rstrip(".").replace(",", "").replace("$", "").replace(" ", "").rstrip("%")
+    """A plain number after removing ``$``, ``,``, ``%`` (also LaTeX's ``\\$``, ``\\%``), spaces and a trailing ``.``;
+    None for anything else."""
+    s = text.strip().rstrip(".").replace("\\$", "$").replace("\\%", "%")
+    s = s.replace(",", "").replace("$", "").replace(" ", "").rstrip("%")
     try:
         return float(s)
     except ValueError:
