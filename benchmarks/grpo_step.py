@@ -6,6 +6,12 @@
 The step is the trainer's: engine rollout (stop tokens off, so every sample runs to the limit), rewards stand-in
 (random, since random weights solve no task), GRPO advantages, one packed forward/backward with chunked log-probs
 and gradient checkpointing, AdamW on the adapters.
+
+Rollouts: ONE engine for the run, as the trainer keeps it. ``--rollout-steps`` (default 3) rollouts run on it, each
+followed by ``engine.release_memory()`` (the update gets the cache's memory back) and ``engine.update_weights()``
+(the shared model: nothing to copy); the last one's samples feed the training step. ``rollouts`` in the results has
+each step's seconds and the engine's counters (the cache is allocated once per rollout after a release, laid out
+once; graphs, with ``--cuda-graphs``, are captured in the first rollout and replayed after).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj")
+    parser.add_argument("--rollout-steps", type=int, default=3, help="rollouts on one engine (the last one trains)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="Engine(cuda_graphs=True)")
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,16 +55,25 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, config.vocab_size, (args.prompt_tokens,), generator=gen).tolist()
                for _ in range(args.prompts)]  # fmt: skip
-    sampling = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, stop_token_ids=[], seed=0)
-    engine = Engine(model)
-
-    reset_peak()
-    sync()
-    start = time.perf_counter()
-    groups = engine.generate([Request(p, n=args.generations) for p in prompts], sampling)
-    sync()
-    rollout_s = time.perf_counter() - start
-    rollout_peak = peak_memory_gib()
+    engine = Engine(model, cuda_graphs=args.cuda_graphs)
+    requests = [Request(p, n=args.generations) for p in prompts]
+    results["rollouts"] = []
+    for step in range(args.rollout_steps):  # one engine across steps, as the trainer keeps it
+        sampling = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, stop_token_ids=[], seed=step)
+        reset_peak()
+        sync()
+        start = time.perf_counter()
+        batch = engine.rollout(requests, sampling)
+        sync()
+        rollout_s = time.perf_counter() - start
+        rollout_peak = peak_memory_gib()
+        engine.release_memory()  # the update below gets the cache's memory
+        engine.update_weights()  # the engine shares the model: the optimizer's in-place step is the sync
+        row = {"step": step, "rollout_seconds": rollout_s, "rollout_peak_gib": rollout_peak,
+               "sampled_tokens": int(batch.loss_mask.sum()), **engine.stats}  # fmt: skip
+        results["rollouts"].append(row)
+        print(row, flush=True)
+    groups = batch.completions()
 
     reset_peak()
     start = time.perf_counter()

@@ -5,10 +5,13 @@
     python -m benchmarks.rollout --tiny                   # a few-second smoke run of every phase (CPU is fine)
 
 Every sequence runs the full ``--new-tokens`` (``stop_token_ids=[]``); tokens/s counts new tokens over the whole
-``generate`` call (prefill included), and ``decode_ms_per_step`` is (t(new tokens) - t(1 token)) / (new tokens - 1).
+``rollout`` call (prefill included), and ``decode_ms_per_step`` is (t(new tokens) - t(1 token)) / (new tokens - 1).
 
 Phases, in one process on one GPU:
-1. ours: ``Engine(model).generate`` at each batch (KV cache sized to batch x (prompt + new tokens)).
+1. ours: ``Engine(model).rollout`` at each batch (KV cache sized to batch x (prompt + new tokens)). One engine per
+   batch, kept across its calls as a trainer keeps it across RL steps: the timed call at ``--new-tokens`` is the
+   first of that length (graphs, when on, are captured inside it for its page-table width); ``repeat_*`` is the same
+   call again (cache and graphs kept: what every RL step after the first costs).
 2. log-prob mismatch in bf16 at batch 16: the engine's log-prob of every sampled token against one packed forward
    of prompt + completion (what the trainer computes), ``log_softmax(logits / T)``; control: the trainer's packed
    forward against one forward per sequence (the bf16 noise floor of the network itself).
@@ -79,25 +82,31 @@ def make_engine(model: GptOss, batch: int, prompt_len: int, new_tokens: int, pag
 def bench_ours(
     model: GptOss, batch: int, prompts: list[list[int]], new_tokens: int, **options: bool
 ) -> tuple[dict, list]:
-    """Tokens/s of one generate call (graphs, when on, are captured inside the timed call, as in real use;
-    torch.compile compiles in the warm-up call, once per bucket per process)."""
+    """Tokens/s of one rollout call on an engine kept across calls (graphs, when on, are captured inside the first
+    timed call, as in the first RL step; ``repeat_*`` replays them, as every later step does; torch.compile compiles
+    in the warm-up call, once per bucket per process)."""
     engine = make_engine(model, batch, len(prompts[0]), new_tokens, **options)
     requests = [Request(p) for p in prompts[:batch]]
-    engine.generate(requests, sampling(4))  # warm-up: Triton compiles for this batch's shapes
-    t1, _ = timed(lambda: engine.generate(requests, sampling(1)))
+    engine.rollout(requests, sampling(4))  # warm-up: Triton compiles for this batch's shapes; the cache is allocated
+    t1, _ = timed(lambda: engine.rollout(requests, sampling(1)))
     reset_peak()
-    seconds, out = timed(lambda: engine.generate(requests, sampling(new_tokens)))
-    completions = [group[0] for group in out]
+    seconds, out = timed(lambda: engine.rollout(requests, sampling(new_tokens)))
+    captures = engine.stats["graph_captures"]
+    repeat, _ = timed(lambda: engine.rollout(requests, sampling(new_tokens)))
+    completions = [group[0] for group in out.completions()]
     short = [c for c in completions if len(c.token_ids) != new_tokens]
     assert not short, f"a sequence stopped early: {short[0].finish_reason} {short[0].error}"
     step = (seconds - t1) / max(1, new_tokens - 1)
     row = {
         "seconds": seconds, "tokens_per_s": batch * new_tokens / seconds, "prefill_plus_1_token_seconds": t1,
         "decode_ms_per_step": 1e3 * step, "decode_tokens_per_s": batch / step if step > 0 else None,
-        "peak_gib": peak_memory_gib(),
+        "repeat_seconds": repeat, "repeat_tokens_per_s": batch * new_tokens / repeat,
+        "peak_gib": peak_memory_gib(), "engine_stats": dict(engine.stats),
+        "graph_captures_in_repeat": engine.stats["graph_captures"] - captures,
     }  # fmt: skip
     if options:  # decode bucket -> whether it was captured in a CUDA graph
         row["graph_buckets_captured"] = {str(k): v for k, v in engine.graph_buckets.items()}
+    engine.release_memory(graphs=True)
     return row, completions
 
 
@@ -175,7 +184,8 @@ def graph_probe(model: GptOss, batch: int, cached: int, iters: int = 20) -> dict
     from ossrl.rollout.kv_cache import CacheStep
 
     engine = make_engine(model, batch, cached, 16)
-    cache = engine._make_cache(1, 1)
+    cache = engine._layout(1)
+    cache.allocate()
     pages = [cache.admit(cached + 16, 1) for _ in range(batch)]
     for p in pages:
         p.cached_len = cached - 1
@@ -385,10 +395,11 @@ def main() -> None:
                      "new_tokens": args.new_tokens, "batches": args.batches,
                      "sampling": "temperature 1.0, no truncation, stop_token_ids=[] (every sequence runs all tokens)",
                      "engine": "Engine(model, kv_cache_tokens=batch*(prompt+new), max_num_seqs=batch), defaults "
-                               "otherwise (page 16, max_prefill_tokens 16384); eager PyTorch + Triton, no CUDA graphs",
+                               "otherwise (page 16, max_prefill_tokens 16384); eager PyTorch + Triton, no CUDA graphs; "
+                               "one engine per batch, kept across its calls (repeat_*: the same call again)",
                      "hf": f"GptOssForCausalLM eager attention, generate(do_sample=True, top_k=0), sharing our "
                            f"weights; {args.hf_new_tokens} new tokens measured, {args.new_tokens} extrapolated",
-                     "tokens_per_s": "new tokens / wall time of the whole generate call (prefill included)"},
+                     "tokens_per_s": "new tokens / wall time of the whole rollout call (prefill included)"},
     }  # fmt: skip
     print(results["env"], results["settings"], sep="\n")
 

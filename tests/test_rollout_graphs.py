@@ -103,13 +103,13 @@ def test_capturable_decode_steps_never_read_the_gpu_on_the_host(tiny, moe, tempe
     reads = HostReads()
     original_run, warmed, checked = graphs.DecodeGraphs._run, set(), {}
 
-    def run(self, step):
+    def run(self, step, sampling):
         if step.batch not in warmed:  # warm-up: first-use caches (tables on the device, Triton compiles) fill here
             warmed.add(step.batch)
-            return original_run(self, step)
+            return original_run(self, step, sampling)
         reads.seen.clear()
         with reads:
-            out = original_run(self, step)
+            out = original_run(self, step, sampling)
         checked[step.batch] = (graphs.capture_problem(self.model, step.batch), list(reads.seen))
         return out
 
@@ -166,37 +166,56 @@ def test_fixed_buffer_decode_step_gives_the_same_samples(tiny, monkeypatch):
 
 
 class SimulatedGraph:
-    """A captured graph's contract, on CPU: each replay runs the recorded step again and writes its results into
-    the tensors the capture returned (a graph's outputs live at fixed addresses)."""
+    """A captured graph's contract, on CPU: each replay runs the recorded step again (the step's sampling params as
+    captured) and writes its results into the tensors the capture returned (a graph's outputs live at fixed
+    addresses). A graph bakes in the cache's addresses: replaying one after the cache moved is an error here."""
 
     def __init__(self, step, run) -> None:
-        self.step, self.run = step, run
+        self.step, self.run, self.ptrs, self.replays = step, run, step.cache.ptrs, 0
         self.tokens, self.logprobs = run(step)
 
     def replay(self) -> None:
+        assert self.step.cache.ptrs == self.ptrs, "a graph replayed after its cache moved"
+        self.replays += 1
         tokens, logprobs = self.run(self.step)
         self.tokens.copy_(tokens)
         self.logprobs.copy_(logprobs)
 
 
-def test_replayed_outputs_are_read_and_a_refused_capture_runs_uncaptured(tiny, monkeypatch, caplog):
-    """The captured path with capture simulated on CPU: samples come from the outputs each replay rewrites, and a
-    bucket whose capture fails (as CUDA refuses an op in a graph) runs uncaptured with a warning, same samples."""
-    import ossrl.kernels
-
-    model, tokenizer = tiny
+def simulate_capture(monkeypatch, refuse=()) -> list[SimulatedGraph]:
+    """Make the engine's graphs capture on CPU (``SimulatedGraph``); buckets in ``refuse`` fail to capture, as CUDA
+    refuses an op in a graph. Returns the graphs made."""
+    made = []
 
     def record(self, step, run):
-        if step.batch == 2:
+        if step.batch in refuse:
             raise RuntimeError("operation not permitted when stream is capturing")
         graph = SimulatedGraph(step, run)
+        made.append(graph)
         return graph, graph.tokens, graph.logprobs
 
     init = graphs.DecodeGraphs.__init__
     monkeypatch.setattr(graphs.DecodeGraphs, "__init__", lambda self, *a, **k: init(self, *a, **{**k, "capture": True}))
     monkeypatch.setattr(graphs.DecodeGraphs, "_warm_up", lambda self, step, run: run(step))
     monkeypatch.setattr(graphs.DecodeGraphs, "_record", record)
-    monkeypatch.setattr(ossrl.kernels, "_warned", set())
+    return made
+
+
+def assert_same_samples(got, want, tolerance=1e-5):
+    for a, b in zip(want, got, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert x.token_ids == y.token_ids
+            assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs, strict=True)) < tolerance
+
+
+def test_replayed_outputs_are_read_and_a_refused_capture_runs_uncaptured(tiny, monkeypatch, caplog):
+    """The captured path with capture simulated on CPU: samples come from the outputs each replay rewrites, and a
+    bucket whose capture fails (as CUDA refuses an op in a graph) runs uncaptured with a warning, same samples."""
+    import ossrl.kernels.common
+
+    model, tokenizer = tiny
+    simulate_capture(monkeypatch, refuse=(2,))
+    monkeypatch.setattr(ossrl.kernels.common, "_warned", set())  # warn_once's set: the warning comes again
     requests = [Request(p) for p in prompts(3)]
     sampling = SamplingParams(temperature=1.0, max_new_tokens=20, seed=9, stop_token_ids=[])
     want = Engine(model, tokenizer, kv_cache_tokens=2048, page_size=4).generate(requests, sampling)
@@ -207,10 +226,53 @@ def test_replayed_outputs_are_read_and_a_refused_capture_runs_uncaptured(tiny, m
         got = engine.generate(requests, sampling)
     assert engine.graph_buckets == {1: True, 2: False, 3: True}
     assert [r for r in caplog.records if "capturing the decode step of 2 sequences failed" in r.getMessage()]
-    for a, b in zip(want, got, strict=True):
-        for x, y in zip(a, b, strict=True):
-            assert x.token_ids == y.token_ids
-            assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs, strict=True)) < 1e-5
+    assert_same_samples(got, want)
+
+
+def test_graphs_live_across_rollouts_and_are_captured_again_when_the_cache_moves(tiny, monkeypatch):
+    """One engine, several rollouts: a bucket is captured once and replayed in later rollouts; after
+    ``release_memory`` the cache comes back at another address (forced here: the old tensors are still held) and
+    the graph is captured again before its next replay. Samples never change."""
+    model, tokenizer = tiny
+    made = simulate_capture(monkeypatch)
+    requests = [Request(p) for p in prompts(3)]  # all admitted at once: decode bucket 3 (capturable: see above)
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=8, seed=9, stop_token_ids=[])
+    want = Engine(model, tokenizer, kv_cache_tokens=1024, page_size=4).generate(requests, sampling)
+    engine = Engine(model, tokenizer, kv_cache_tokens=1024, page_size=4, max_num_seqs=3, cuda_graphs=True)
+    assert_same_samples(engine.generate(requests, sampling), want)
+    decode_graphs, entries = engine._graphs, dict(engine._graphs.entries)
+    assert engine.graph_buckets == {3: True} and engine.stats["graph_captures"] == len(made) == 1
+    assert made[0].replays == 7  # 8 tokens: the first from the prefill
+    assert_same_samples(engine.generate(requests, sampling), want)
+    assert engine._graphs is decode_graphs and engine._graphs.entries == entries
+    assert engine.stats["graph_captures"] == 1 and made[0].replays == 14  # replayed, not captured again
+
+    held = list(engine._cache.k)  # keeps the old storage alive, so the new cache must land elsewhere
+    engine.release_memory()
+    assert not engine._cache.allocated
+    assert_same_samples(engine.generate(requests, sampling), want)
+    assert engine._cache.k[0].data_ptr() != held[0].data_ptr()
+    assert engine.stats["cache_allocations"] == 2 and engine.stats["graph_captures"] == len(made) == 2
+    assert made[1].replays == 7 and made[0].replays == 14 and engine._graphs is decode_graphs
+    engine.generate(requests, sampling)  # same address again: no capture
+    assert engine.stats["graph_captures"] == 2 and made[1].replays == 14
+
+
+def test_a_rollout_with_other_sampling_params_never_replays_stale_ones(tiny, monkeypatch):
+    """Temperature, top-k, top-p and min-p are baked into a captured step: each combination gets its own graph
+    (kept: the first one comes back), and every rollout samples what a fresh engine samples."""
+    model, tokenizer = tiny
+    made = simulate_capture(monkeypatch)
+    requests = [Request(p) for p in prompts(2)]
+    engine = Engine(model, tokenizer, kv_cache_tokens=1024, page_size=4, max_num_seqs=2, cuda_graphs=True)
+    settings = [dict(temperature=1.0), dict(temperature=0.5), dict(temperature=0.0), dict(temperature=1.0, top_k=5),
+                dict(temperature=1.0, top_p=0.5), dict(temperature=1.0)]  # fmt: skip
+    for options in settings:
+        sampling = SamplingParams(max_new_tokens=6, seed=2, stop_token_ids=[], **options)
+        want = Engine(model, tokenizer, kv_cache_tokens=1024, page_size=4).generate(requests, sampling)
+        assert_same_samples(engine.generate(requests, sampling), want)
+    assert engine.stats["graph_captures"] == len(made) == 5  # the last rollout replays the first one's graph
+    assert made[0].replays == 10
 
 
 def test_static_step_tables_follow_the_sequences_that_hold_each_row():
@@ -294,10 +356,11 @@ def test_cuda_graphs_replay_the_same_samples(tiny, dtype, monkeypatch):
         assert captured == (graphs.capture_problem(gpu, bucket) is None), engine.graph_buckets
     if dtype == torch.bfloat16:
         assert all(engine.graph_buckets.values()), engine.graph_buckets
-    with monkeypatch.context() as m:
+    with monkeypatch.context() as m:  # a new engine: this one keeps its captured graphs
         m.setattr(graphs, "capture_problem", lambda model, batch: "this test: uncaptured")
-        uncaptured = engine.generate(requests, sampling)
-    assert not any(engine.graph_buckets.values())
+        other = Engine(gpu, tokenizer, kv_cache_tokens=4096, max_num_seqs=7, cuda_graphs=True)
+        uncaptured = other.generate(requests, sampling)
+    assert not any(other.graph_buckets.values())
     for a, b in zip(graphed, uncaptured, strict=True):
         for x, y in zip(a, b, strict=True):
             assert x.token_ids == y.token_ids and x.logprobs == y.logprobs
@@ -343,8 +406,45 @@ def test_mxfp4_experts_through_the_kernel_in_cuda_graphs(tiny, monkeypatch):
     engine = Engine(gpu, tokenizer, kv_cache_tokens=4096, max_num_seqs=8, cuda_graphs=True)
     graphed = engine.generate(requests, sampling)
     assert engine.graph_buckets and all(engine.graph_buckets.values()), engine.graph_buckets
-    with monkeypatch.context() as m:
+    with monkeypatch.context() as m:  # a new engine: this one keeps its captured graphs
         m.setattr(graphs, "capture_problem", lambda model, batch: "this test: uncaptured")
-        uncaptured = engine.generate(requests, sampling)
+        uncaptured = Engine(gpu, tokenizer, kv_cache_tokens=4096, max_num_seqs=8, cuda_graphs=True).generate(
+            requests, sampling
+        )
     for a, b in zip(graphed, uncaptured, strict=True):
+        assert a[0].token_ids == b[0].token_ids and a[0].logprobs == b[0].logprobs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_across_rollouts_release_memory_and_weight_updates(tiny):
+    """One bf16 engine for several rollouts on a GPU: graphs are replayed, captured again only after the cache came
+    back at another address, and weights copied in place (``update_weights``) reach the replayed graphs."""
+    model, tokenizer = tiny
+    gpu = GptOss.from_config(model.config, device="cuda", dtype=torch.bfloat16, seed=None)
+    gpu.load_state_dict(model.state_dict())
+    gpu.eval()
+    requests = [Request(p) for p in prompts(4)]
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=16, seed=5, stop_token_ids=[])
+    engine = Engine(gpu, tokenizer, kv_cache_tokens=4096, max_num_seqs=4, cuda_graphs=True)
+    first = engine.generate(requests, sampling)
+    captures = engine.stats["graph_captures"]
+    assert captures > 0 and all(engine.graph_buckets.values()), engine.graph_buckets
+    replayed = engine.generate(requests, sampling)
+    assert engine.stats["graph_captures"] == captures
+    for a, b in zip(first, replayed, strict=True):
+        assert a[0].token_ids == b[0].token_ids and a[0].logprobs == b[0].logprobs
+    held = list(engine._cache.k)
+    engine.release_memory()
+    again = engine.generate(requests, sampling)
+    assert engine._cache.k[0].data_ptr() != held[0].data_ptr()
+    assert engine.stats["graph_captures"] > captures and engine.stats["cache_allocations"] == 2
+    for a, b in zip(first, again, strict=True):
+        assert a[0].token_ids == b[0].token_ids and a[0].logprobs == b[0].logprobs
+    del held
+    new = {n: p * 0.9 for n, p in gpu.named_parameters() if p.dim() > 1}
+    engine.update_weights(new.items())
+    got = engine.generate(requests, sampling)
+    want = Engine(gpu, tokenizer, kv_cache_tokens=4096, max_num_seqs=4, cuda_graphs=True).generate(requests, sampling)
+    for a, b in zip(got, want, strict=True):
         assert a[0].token_ids == b[0].token_ids and a[0].logprobs == b[0].logprobs

@@ -3,25 +3,41 @@
 Continuous batching: requests wait in a queue; a sequence is admitted when the KV cache can hold its longest
 possible life (prompt + sampled tokens + tool results), so an admitted sequence never stalls for memory. Each loop
 prefills newly admitted prompts (varlen kernel, one prefill shared by a request's n samples) and then runs ONE
-forward over every running sequence (paged decode kernel), which also carries tool results being appended.
-Sampling depends only on (logits, seed, position), so a sequence's tokens do not depend on its batch-mates.
+forward over every running sequence (paged decode kernel), which also carries tool results being appended (in
+chunks of at most ``append_chunk`` tokens). Sampling depends only on (logits, seed, position), so a sequence's
+tokens do not depend on its batch-mates.
+
+One engine serves a whole run. Its KV cache layout (pages per pool) is decided at the first rollout and kept; the
+cache tensors stay allocated between rollouts until ``release_memory`` (the trainer's update wants the memory),
+and the next rollout allocates the same layout again. Decode graphs (``cuda_graphs`` / ``torch_compile``) live as
+long as the layout. Sampler log-probs stay on the device: each step's tensor is kept and a sequence records where
+its tokens' log-probs are; the ``RolloutBatch`` gathers them with one ``cat`` and one index at the end.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
 from ossrl.model.gpt_oss import GptOss, PackedBatch
+from ossrl.rollout.batch import ERROR, FINISH_REASONS, Completion, RolloutBatch
 from ossrl.rollout.graphs import DecodeGraphs
-from ossrl.rollout.kv_cache import CacheStep, PagedKVCache, SequencePages, sliding_pages_per_sequence, to_device
+from ossrl.rollout.kv_cache import CacheStep, PagedKVCache, sliding_pages_per_sequence, to_device
 from ossrl.rollout.sampling import SamplingParams, sample_tokens
+from ossrl.rollout.sequence import RunningSequence
 from ossrl.rollout.tools import ToolRunner, Tools
 
-FINISH_REASONS = ("stop", "length", "tool_call", "error")
+__all__ = ["FINISH_REASONS", "Completion", "Engine", "Request"]
+
+log = logging.getLogger(__name__)
+
+TOOL_RESULT_SLACK = 64  # tokens a tool result may take beyond max_tool_tokens (message header, next assistant header)
 
 
 @dataclass
@@ -33,57 +49,45 @@ class Request:
 
 
 @dataclass
-class Completion:
-    """One sample. ``token_ids`` are all tokens after the prompt: sampled ones (``loss_mask`` 1) and, in multi-turn
-    episodes, tool-result tokens the engine appended (``loss_mask`` 0). ``logprobs`` has one float per token: the
-    sampler's log-prob, log_softmax(logits / T), for sampled tokens, and 0.0 for appended ones."""
+class _Rollout:
+    """One rollout call's state."""
 
-    token_ids: list[int]
-    logprobs: list[float]
-    loss_mask: list[int]
-    finish_reason: str
-    num_tool_calls: int = 0
-    tool_errors: int = 0
-    error: str | None = None
-    timing: dict[str, float] = field(default_factory=dict)
+    sampling: SamplingParams
+    stop_ids: set[int]
+    runner: ToolRunner | None
+    reserve: int  # tokens a sequence may add to its prompt (sampled and appended)
+    results: list[list[RunningSequence | None]]
+    errors: dict[int, str] = field(default_factory=dict)  # request -> why it cannot run
+    width: int = 0  # page-table width of the fixed-buffer decode step (0: no decode graphs)
+    running: list[RunningSequence] = field(default_factory=list)
+    waiting: dict[int, RunningSequence] = field(default_factory=dict)  # id(seq) -> sequence whose tool is running
+    logprobs: list[torch.Tensor] = field(default_factory=list)  # each step's sampler log-probs, on the device
+    num_logprobs: int = 0
 
-    @property
-    def sampled_ids(self) -> list[int]:
-        return [t for t, m in zip(self.token_ids, self.loss_mask, strict=True) if m]
-
-
-@dataclass(eq=False)  # identity: sequences are compared and removed as objects
-class _Seq:
-    request: int
-    sample: int
-    seed: int
-    prompt: list[int]
-    pages: SequencePages
-    pending: list[int]  # tokens to feed to the model next (the prompt, the last sampled token, a tool result)
-    new: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    mask: list[int] = field(default_factory=list)
-    turn_start: int = 0  # index in `new` where the current assistant turn begins
-    sampled: int = 0
-    tool_calls: int = 0
-    tool_errors: int = 0
-    start_time: float = 0.0
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt) + len(self.new)
+    def record(self, logprobs: torch.Tensor) -> int:
+        """Keep one step's log-probs; returns the flat index of its first row."""
+        first = self.num_logprobs
+        self.logprobs.append(logprobs)
+        self.num_logprobs += logprobs.shape[0]
+        return first
 
 
 class Engine:
     """Generate from a ``GptOss`` model.
 
     ``kv_cache_tokens``: tokens the full-attention layers' cache holds over all running sequences (default: 90%
-    of free GPU memory on CUDA, 65,536 on CPU). ``max_num_seqs`` bounds the decode batch, ``max_prefill_tokens``
-    the tokens of one prefill forward. ``tokenizer`` (with Harmony tokens) is needed for tool calls and supplies
-    the default stop tokens. ``cuda_graphs=True``: decode steps run from fixed-size buffers, replayed from CUDA
-    graphs on a GPU (``ossrl.rollout.graphs``); on CPU the fixed-buffer step runs without capture. Off by default
-    until it has been measured on a GPU. ``torch_compile=True`` (or a backend name) compiles that step with
-    ``torch.compile`` (one compile per batch bucket; with ``cuda_graphs`` the graphs capture the compiled step).
+    of free GPU memory at the first rollout on CUDA, 65,536 on CPU). ``max_num_seqs`` bounds the decode batch,
+    ``max_prefill_tokens`` the tokens of one prefill forward, ``append_chunk`` the tokens of a tool result fed in
+    one step (with the window, it sizes the sliding-window layers' pool). ``tokenizer`` (with Harmony tokens) is
+    needed for tool calls and supplies the default stop tokens. ``cuda_graphs=True``: decode steps run from
+    fixed-size buffers, replayed from CUDA graphs on a GPU (``ossrl.rollout.graphs``); on CPU the fixed-buffer step
+    runs without capture. Off by default until it has been measured on a GPU. ``torch_compile=True`` (or a backend
+    name) compiles that step with ``torch.compile`` (one compile per batch bucket; with ``cuda_graphs`` the graphs
+    capture the compiled step).
+
+    ``stats``: ``rollouts`` (calls), ``cache_layouts`` (layouts decided: 1 unless a rollout needed a re-layout),
+    ``cache_allocations`` (times the cache tensors were allocated: once, plus once after each ``release_memory``),
+    ``graph_captures`` (CUDA graphs captured, recaptures included).
     """
 
     def __init__(
@@ -96,9 +100,12 @@ class Engine:
         max_num_seqs: int = 256,
         max_prefill_tokens: int = 16384,
         max_model_len: int | None = None,
+        append_chunk: int = 128,
         cuda_graphs: bool = False,
         torch_compile: bool | str = False,
     ) -> None:
+        if append_chunk < 1:
+            raise ValueError(f"Engine: append_chunk must be >= 1; got {append_chunk}")
         self.model = model
         self.tokenizer = tokenizer
         self.page_size = page_size
@@ -106,12 +113,16 @@ class Engine:
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.max_model_len = max_model_len or model.config.max_position_embeddings
+        self.append_chunk = append_chunk
         self.cuda_graphs = cuda_graphs
         self.compile_backend = ("inductor" if torch_compile is True else torch_compile) or None
-        self._graphs: DecodeGraphs | None = None
-        self.graph_buckets: dict[int, bool] = {}  # last generate call: decode bucket -> captured in a CUDA graph
+        self.stats: dict[str, int] = {"rollouts": 0, "cache_layouts": 0, "cache_allocations": 0, "graph_captures": 0}
+        self.weights_version = 0
+        self.graph_buckets: dict[int, bool] = {}  # last rollout: decode bucket -> captured in a CUDA graph
         self.harmony = None
         self._cache: PagedKVCache | None = None
+        self._layout_seqs = 0  # sequences the sliding-window pool of the current layout holds
+        self._graphs: DecodeGraphs | None = None
         if tokenizer is not None:
             from ossrl.harmony import HarmonyTokens
 
@@ -126,91 +137,241 @@ class Engine:
             raise ValueError("no stop tokens: pass SamplingParams.stop_token_ids, or an Engine tokenizer")
         return [eos] if isinstance(eos, int) else list(eos)
 
-    @torch.inference_mode()
+    def rollout(self, requests: list[Request], sampling: SamplingParams, tools: Tools | None = None) -> RolloutBatch:
+        """One sequence per (request, sample), request-major: ``group`` is the request's index in ``requests``,
+        ``sample`` the sample's. With ``tools`` (name -> callable or async callable taking the call's JSON arguments
+        as keyword arguments), a sequence that ends in a Harmony tool call gets the tool's result appended (loss mask
+        False, log-prob 0) and continues, up to ``sampling.max_turns`` assistant turns. A request that cannot run
+        (empty prompt, ids outside the vocabulary, too long for the context or the cache, ``n < 1``) gives
+        ``max(n, 1)`` sequences with ``finish == "error"``, no tokens at all (prompt length 0) and the reason in
+        ``errors``. Tensors are on the model's device."""
+        state = self._run(requests, sampling, tools)
+        return self._batch(requests, state)
+
     def generate(
         self, requests: list[Request], sampling: SamplingParams, tools: Tools | None = None
     ) -> list[list[Completion]]:
-        """Per request, ``n`` completions. With ``tools`` (name -> callable or async callable taking the call's
-        JSON arguments as keyword arguments), a completion that ends in a Harmony tool call gets the tool's result
-        appended and continues, up to ``sampling.max_turns`` assistant turns."""
+        """``rollout`` as Python lists: per request, its ``n`` completions (an error request: one or ``n``)."""
+        return self.rollout(requests, sampling, tools).completions()
+
+    def release_memory(self, graphs: bool = False) -> None:
+        """Free the KV cache's tensors (and return cached blocks to CUDA), e.g. while the trainer updates the
+        weights. The layout is kept: the next rollout allocates the same cache again. Decode graphs are kept too
+        (``graphs=True`` drops them and their memory pool); one whose cache came back at another address is captured
+        again before it is replayed."""
+        if self._cache is not None:
+            self._cache.free()
+        if graphs:
+            self._graphs = None
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | None = None) -> int:
+        """The trainer -> engine weight sync: the one boundary through which new weights reach the engine.
+
+        ``named_tensors`` (names as in ``model.named_parameters()`` / ``named_buffers()``, LoRA adapters included)
+        are copied in place into the engine's model (cast to each target's dtype and device); every name and shape
+        is checked before anything is copied (ValueError naming the first bad one). In-place copies keep every
+        address, so captured decode graphs stay valid. Returns the number of tensors copied. ``None``: the engine
+        shares the trainer's model object (one GPU), which the optimizer updates in place, so there is nothing to
+        copy. Either way ``weights_version`` goes up by one. A multi-GPU trainer (engine on other ranks or
+        processes) sends its gathered tensors through here."""
+        copied = 0
+        if named_tensors is not None:
+            targets = dict(self.model.named_parameters())
+            targets.update(self.model.named_buffers())
+            pairs = list(named_tensors)
+            for name, tensor in pairs:
+                target = targets.get(name)
+                if target is None:
+                    raise ValueError(f"update_weights: the engine's model has no parameter or buffer {name!r}")
+                if tuple(tensor.shape) != tuple(target.shape):
+                    raise ValueError(f"update_weights: {name!r} has shape {tuple(tensor.shape)}; the engine's "
+                                     f"model has {tuple(target.shape)}")  # fmt: skip
+            for name, tensor in pairs:
+                targets[name].data.copy_(tensor)
+            copied = len(pairs)
+        self.weights_version += 1
+        return copied
+
+    # ---- one rollout -------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _run(self, requests: list[Request], sampling: SamplingParams, tools: Tools | None) -> _Rollout:
         vocab = self.model.config.vocab_size
         sampling.validate(vocab)
         stop_ids = set(sampling.stop_token_ids if sampling.stop_token_ids is not None else self.default_stop_ids())
         if tools and self.harmony is None:
             raise ValueError("tool calls need the Engine's tokenizer (Engine(model, tokenizer))")
-        results: list[list[Completion | None]] = [[None] * r.n for r in requests]
+        self.stats["rollouts"] += 1
+        tool_tokens = sampling.max_tool_tokens + TOOL_RESULT_SLACK if tools else 0
+        reserve = sampling.max_new_tokens + (sampling.max_turns - 1) * tool_tokens
+        cache = self._ready_cache(requests, reserve)
+        cache.reset()  # every page free: nothing of an earlier (perhaps interrupted) rollout survives
         runner = ToolRunner(tools or {}, self.tokenizer, sampling) if tools else None
-        max_chunk = sampling.max_tool_tokens + 64 if tools else 1
-        reserve = sampling.max_new_tokens + (sampling.max_turns - 1) * max_chunk
-        cache = self._cache = self._make_cache(max_chunk, max((r.n for r in requests), default=1))
+        state = _Rollout(sampling, stop_ids, runner, reserve, [[None] * r.n for r in requests])
         queue: deque[int] = deque()
         for i, request in enumerate(requests):
-            problem = self._check_request(request, vocab, reserve, cache, max_chunk)
+            problem = self._check_request(request, vocab, reserve, cache)
             if problem:
-                results[i] = [Completion([], [], [], "error", error=problem) for _ in range(max(request.n, 1))]
+                state.errors[i] = problem
             else:
                 queue.append(i)
-        running: list[_Seq] = []
-        waiting_tools: dict[int, _Seq] = {}
+        graphs = None
         if (self.cuda_graphs or self.compile_backend) and queue:  # both run the fixed-buffer decode step
             longest = max(min(len(requests[i].prompt_ids) + reserve, self.max_model_len) for i in queue)
-            self._graphs = DecodeGraphs(self.model, cache, sampling, max_batch=self.max_num_seqs,
-                                        width=cache.pages_for(longest, self.page_size),
-                                        capture=self.cuda_graphs and self.model.device.type == "cuda",
-                                        compile_backend=self.compile_backend)  # fmt: skip
+            state.width = self._table_width(longest)
+            graphs = self._decode_graphs(cache)
+            graphs.begin()
         try:
-            while queue or running or waiting_tools:
-                admitted = self._admit(queue, requests, running, cache, reserve, max_chunk, sampling)
-                if not admitted and queue and not running and not waiting_tools:  # cannot happen: checked up front
+            while queue or state.running or state.waiting:
+                admitted = self._admit(queue, requests, state)
+                if not admitted and queue and not state.running and not state.waiting:  # checked up front
                     raise RuntimeError(f"rollout engine: request {queue[0]} can never be admitted")
                 if admitted:
-                    self._prefill(admitted, cache, sampling, stop_ids, running, waiting_tools, results, runner)
+                    self._prefill(admitted, state)
                 if runner is not None:
-                    for seq in runner.collect(waiting_tools, block=not running and not queue):
-                        if seq.length > self.max_model_len:
-                            self._finish(seq, "length", results)
+                    for seq in runner.collect(state.waiting, block=not state.running and not queue):
+                        if seq.length > seq.max_len:  # a tool result longer than its budget
+                            self._finish(seq, "length", state)
                         else:
-                            running.append(seq)
-                decoding = [s for s in running if s.pending]
+                            state.running.append(seq)
+                decoding = [s for s in state.running if s.pending]
                 if decoding:
-                    self._step(decoding, cache, sampling, stop_ids, running, waiting_tools, results, runner)
-                elif not queue and not waiting_tools and running:
+                    self._step(decoding, state)
+                elif not queue and not state.waiting and state.running:
                     raise RuntimeError("rollout engine: running sequences with nothing to feed")  # a bug, not input
         finally:
-            self.graph_buckets = self._graphs.captured if self._graphs is not None else {}
-            self._cache = self._graphs = None  # the cache's memory goes back (the trainer needs it between rollouts)
+            self.graph_buckets = graphs.captured if graphs is not None else {}
             if runner is not None:
                 runner.close()
-        return [[c for c in group if c is not None] for group in results]  # type: ignore[misc]
+        return state
 
-    # ---- scheduling --------------------------------------------------------------------------------------------
-    def _make_cache(self, max_chunk: int, max_group: int) -> PagedKVCache:
-        config, device, dtype = self.model.config, self.model.device, self.model.dtype
-        tokens = self.kv_cache_tokens
+    def _batch(self, requests: list[Request], state: _Rollout) -> RolloutBatch:
+        """The finished rollout as packed tensors (made outside inference mode: the trainer computes with them)."""
+        tokens: list[int] = []
+        index: list[int] = []  # per token: flat index of its sampler log-prob, -1 for prompt and appended tokens
+        per_seq: dict[str, list] = {k: [] for k in RolloutBatch.PER_SEQUENCE}
+        lens, errors = [], []
+        for i, request in enumerate(requests):
+            if i in state.errors:
+                for j in range(max(request.n, 1)):
+                    for name, value in zip(RolloutBatch.PER_SEQUENCE, (0, i, j, ERROR, 0, 0, 0.0), strict=True):
+                        per_seq[name].append(value)
+                    lens.append(0)
+                    errors.append(state.errors[i])
+                continue
+            for s in state.results[i]:
+                tokens += s.prompt
+                tokens += s.new
+                index += [-1] * len(s.prompt)
+                index += s.logprob_index
+                values = (len(s.prompt), i, s.sample, FINISH_REASONS.index(s.finish), s.tool_calls, s.tool_errors,
+                          s.seconds)  # fmt: skip
+                for name, value in zip(RolloutBatch.PER_SEQUENCE, values, strict=True):
+                    per_seq[name].append(value)
+                lens.append(s.length)
+                errors.append(None)
+        device = self.model.device
+        with torch.inference_mode(False):
+            flat = torch.tensor(index, dtype=torch.long)
+            sampled = flat >= 0
+            flat.masked_fill_(~sampled, state.num_logprobs)  # -> the zero appended below
+            pool = torch.cat([*state.logprobs, torch.zeros(1, device=device)])  # ONE cat of all the steps' tensors
+            cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+            cu[1:] = torch.tensor(lens, dtype=torch.long).cumsum(0)
+            dtypes = {"seconds": torch.float64}
+            return RolloutBatch(
+                tokens=torch.tensor(tokens, dtype=torch.long).to(device), cu_seqlens=cu.to(device),
+                loss_mask=sampled.to(device), sampler_logprobs=pool[flat.to(device)],
+                **{k: torch.tensor(v, dtype=dtypes.get(k, torch.long)).to(device) for k, v in per_seq.items()},
+                errors=errors,
+            )  # fmt: skip
+
+    # ---- the cache and the graphs across rollouts --------------------------------------------------------------
+    def _ready_cache(self, requests: list[Request], reserve: int) -> PagedKVCache:
+        """The engine's cache, allocated: the layout decided at the first rollout, laid out again (with a warning)
+        only when a request's n samples outnumber the sequences the sliding-window pool holds, or when, sized from
+        free GPU memory, it no longer fits what is free."""
+        cache = self._cache if self._cache is not None else self._layout(self.max_num_seqs)
+        fresh = cache is not self._cache
+        max_lens = [min(len(r.prompt_ids) + reserve, self.max_model_len) for r in requests]
+        groups = [r.n for r, max_len in zip(requests, max_lens, strict=True)
+                  if r.n > self._layout_seqs and 0 < len(r.prompt_ids) < self.max_model_len
+                  and self._full_pool_fits(cache, max_len, r.n)]  # fmt: skip
+        if groups:
+            if not fresh:
+                log.warning("rollout engine: a request of %d samples outnumbers the %d sequences the KV cache was "
+                            "laid out for; laying it out again (decode graphs are captured again)", max(groups),
+                            self._layout_seqs)  # fmt: skip
+                self._drop_cache()
+            cache, fresh = self._layout(max(groups)), True
+        elif not fresh and not cache.allocated and self._shrink_needed(cache):
+            log.warning("rollout engine: the KV cache (%.2f GiB) no longer fits free GPU memory; laying it out "
+                        "again, smaller (decode graphs are captured again)", cache.nbytes / 2**30)  # fmt: skip
+            self._drop_cache()
+            cache, fresh = self._layout(self._layout_seqs), True
+        if fresh:
+            self._cache = cache
+            self.stats["cache_layouts"] += 1
+        if not cache.allocated:
+            cache.allocate()
+            self.stats["cache_allocations"] += 1
+        return cache
+
+    def _layout(self, seqs: int) -> PagedKVCache:
+        """A cache layout (not allocated) whose sliding-window pool holds ``seqs`` sequences."""
+        config, device, dtype, page = self.model.config, self.model.device, self.model.dtype, self.page_size
         n_full = sum(t == "full_attention" for t in config.layer_types)
-        per_token = 2 * config.num_key_value_heads * config.head_dim * torch.finfo(dtype).bits // 8
+        per_seq = sliding_pages_per_sequence(config.sliding_window, page, self.append_chunk)
+        sliding_pages = seqs * per_seq if n_full < len(config.layer_types) else 0
+        tokens = self.kv_cache_tokens
         if tokens is None:
             if device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(device)
-                sliding_tokens = config.sliding_window + max_chunk + 2 * self.page_size
-                sliding_bytes = max(self.max_num_seqs, max_group) * sliding_tokens * per_token
-                sliding_bytes *= config.num_hidden_layers - n_full
-                tokens = int((0.9 * free - sliding_bytes) / max(1, per_token * n_full))
+                per_token = 2 * config.num_key_value_heads * config.head_dim * torch.finfo(dtype).bits // 8
+                sliding_bytes = sliding_pages * page * per_token * (len(config.layer_types) - n_full)
+                tokens = int((0.9 * self._free_memory() - sliding_bytes) / max(1, per_token * n_full))
             else:
                 tokens = 65536
-        full_pages = max(1, tokens // self.page_size)
-        sliding_pages = 0
-        if "sliding_attention" in config.layer_types:
-            per_seq = sliding_pages_per_sequence(config.sliding_window, self.page_size, max_chunk)
-            sliding_pages = max(self.max_num_seqs, max_group) * per_seq
-        return PagedKVCache(
-            config, full_pages=full_pages, sliding_pages=sliding_pages, page_size=self.page_size, device=device,
-            dtype=dtype,
-        )  # fmt: skip
+        self._layout_seqs = seqs
+        return PagedKVCache(config, full_pages=max(1, tokens // page), sliding_pages=sliding_pages, page_size=page,
+                            device=device, dtype=dtype, allocate=False)  # fmt: skip
 
-    def _check_request(
-        self, request: Request, vocab: int, reserve: int, cache: PagedKVCache, max_chunk: int
-    ) -> str | None:
+    def _free_memory(self) -> int:
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(self.model.device)
+        return free
+
+    def _shrink_needed(self, cache: PagedKVCache) -> bool:
+        """Sized from free memory (no ``kv_cache_tokens``) on CUDA, and that memory is no longer free."""
+        if self.kv_cache_tokens is not None or self.model.device.type != "cuda":
+            return False
+        return cache.nbytes > 0.95 * self._free_memory()
+
+    def _full_pool_fits(self, cache: PagedKVCache, max_len: int, copies: int) -> bool:
+        return all(cache.sliding) or copies * cache.pages_for(max_len, self.page_size) <= cache.num_pages[False]
+
+    def _drop_cache(self) -> None:
+        if self._cache is not None:
+            self._cache.free()
+        self._cache = self._graphs = None  # the graphs' steps hold the old layout's scratch pages
+
+    def _decode_graphs(self, cache: PagedKVCache) -> DecodeGraphs:
+        if self._graphs is None or self._graphs.cache is not cache:
+            self._graphs = DecodeGraphs(self.model, cache, max_batch=self.max_num_seqs,
+                                        capture=self.cuda_graphs and self.model.device.type == "cuda",
+                                        compile_backend=self.compile_backend, stats=self.stats)  # fmt: skip
+        return self._graphs
+
+    def _table_width(self, longest: int) -> int:
+        """Page-table width of the fixed-buffer decode step for sequences of up to ``longest`` tokens: the next
+        power of two pages (graphs are kept per width, so rollouts of similar lengths share them)."""
+        need = PagedKVCache.pages_for(longest, self.page_size)
+        width = 1 << max(0, need - 1).bit_length()
+        return max(need, min(width, PagedKVCache.pages_for(self.max_model_len, self.page_size)))
+
+    # ---- scheduling --------------------------------------------------------------------------------------------
+    def _check_request(self, request: Request, vocab: int, reserve: int, cache: PagedKVCache) -> str | None:
         if request.n < 1:
             return f"n must be >= 1; got {request.n}"
         if not request.prompt_ids:
@@ -221,28 +382,27 @@ class Engine:
         if len(request.prompt_ids) >= self.max_model_len:
             return f"prompt of {len(request.prompt_ids)} tokens does not fit the context ({self.max_model_len})"
         max_len = min(len(request.prompt_ids) + reserve, self.max_model_len)
-        if not cache.fits_ever(max_len, max_chunk, copies=request.n):
+        if not cache.fits_ever(max_len, self.append_chunk, copies=request.n):
             return (f"{request.n} sequence(s) of up to {max_len} tokens can never fit the KV cache; raise "
                     "kv_cache_tokens")  # fmt: skip
         if len(request.prompt_ids) > self.max_prefill_tokens:
             return f"prompt of {len(request.prompt_ids)} tokens exceeds max_prefill_tokens ({self.max_prefill_tokens})"
         return None
 
-    def _admit(self, queue, requests, running, cache, reserve, max_chunk, sampling) -> list[list[_Seq]]:
+    def _admit(self, queue: deque[int], requests: list[Request], state: _Rollout) -> list[list[RunningSequence]]:
         """Admit whole requests (all n samples) in order while the cache, batch and prefill budgets allow."""
-        admitted: list[list[_Seq]] = []
-        budget = self.max_prefill_tokens
+        cache, admitted, budget = self._cache, [], self.max_prefill_tokens
         while queue:
             i = queue[0]
             request = requests[i]
-            max_len = min(len(request.prompt_ids) + reserve, self.max_model_len)
-            if len(running) + request.n > self.max_num_seqs and running:
+            max_len = min(len(request.prompt_ids) + state.reserve, self.max_model_len)
+            if len(state.running) + request.n > self.max_num_seqs and state.running:
                 break
             if len(request.prompt_ids) > budget:
                 break
             pages = []
             for _ in range(request.n):
-                p = cache.admit(max_len, max_chunk)
+                p = cache.admit(max_len, self.append_chunk)
                 if p is None:
                     break
                 pages.append(p)
@@ -253,96 +413,100 @@ class Engine:
             queue.popleft()
             budget -= len(request.prompt_ids)
             now = time.perf_counter()
-            group = [
-                _Seq(i, j, _seed(sampling.seed, i, j), list(request.prompt_ids), p, [], start_time=now)
-                for j, p in enumerate(pages)
-            ]
+            group = [RunningSequence(i, j, _seed(state.sampling.seed, i, j), list(request.prompt_ids), p, max_len,
+                                     start_time=now) for j, p in enumerate(pages)]  # fmt: skip
             group[0].pending = list(request.prompt_ids)
             admitted.append(group)
         return admitted
 
     # ---- forwards ----------------------------------------------------------------------------------------------
-    def _forward(self, seqs: list[_Seq], cache: PagedKVCache, fresh: bool) -> torch.Tensor:
-        """One forward over the pending tokens of ``seqs``; returns the logits of each sequence's last token."""
-        q_lens = [len(s.pending) for s in seqs]
+    def _forward(self, seqs: list[RunningSequence], fresh: bool) -> torch.Tensor:
+        """One forward over the pending tokens of ``seqs`` (a fresh prefill takes them all; an append at most
+        ``append_chunk``, the rest stays pending); returns the logits of the last token of each sequence left with
+        nothing pending (the others are mid-way through a tool result: no lm_head for them)."""
+        cache = self._cache
+        q_lens = [len(s.pending) if fresh else min(len(s.pending), self.append_chunk) for s in seqs]
         device = self.model.device
-        ids = to_device([t for s in seqs for t in s.pending], torch.long, device)
-        positions = [p for s in seqs for p in range(s.pages.cached_len, s.pages.cached_len + len(s.pending))]
+        ids = to_device([t for s, n in zip(seqs, q_lens, strict=True) for t in s.pending[:n]], torch.long, device)
+        positions = [p for s, n in zip(seqs, q_lens, strict=True)
+                     for p in range(s.pages.cached_len, s.pages.cached_len + n)]  # fmt: skip
         positions = to_device(positions, torch.long, device)
         step = CacheStep(cache, [s.pages for s in seqs], q_lens, fresh)
         batch = PackedBatch(ids, step.cu_q_lens, step.max_q_len, positions, kv_cache=step)
         hidden = self.model.forward_packed(batch)
         step.finish([s.pages for s in seqs], q_lens)
-        if step.max_q_len > 1:  # a decode step's rows are already one per sequence
-            hidden = hidden[step.cu_q_lens[1:].long() - 1]
-        for s in seqs:
-            s.pending = []
-        return self.model.lm_head(hidden).float()
+        for s, n in zip(seqs, q_lens, strict=True):
+            s.pending = s.pending[n:]
+        ready = [k for k, s in enumerate(seqs) if not s.pending]
+        if step.max_q_len > 1 or len(ready) < len(seqs):  # a decode step's rows are already one per sequence
+            last = [q - 1 for q in itertools.accumulate(q_lens)]
+            hidden = hidden[to_device([last[k] for k in ready], torch.long, device)]
+        return self.model.lm_head(hidden).float() if ready else hidden[:0]
 
-    def _prefill(self, groups, cache, sampling, stop_ids, running, waiting_tools, results, runner) -> None:
+    def _prefill(self, groups: list[list[RunningSequence]], state: _Rollout) -> None:
         leaders = [g[0] for g in groups]
-        logits = self._forward(leaders, cache, fresh=True)
+        logits = self._forward(leaders, fresh=True)
         seqs, rows = [], []
         for row, group in enumerate(groups):
             for follower in group[1:]:
-                cache.copy_pages(group[0].pages, follower.pages)
+                self._cache.copy_pages(group[0].pages, follower.pages)
             seqs.extend(group)
             rows.extend([row] * len(group))
-        self._sample_and_route(seqs, logits[rows], sampling, stop_ids, running, waiting_tools, results, runner)
+        self._sample_and_route(seqs, logits[rows], state)
 
-    def _step(self, seqs, cache, sampling, stop_ids, running, waiting_tools, results, runner) -> None:
-        stepped = {id(s) for s in seqs}
-        graphs = self._graphs
+    def _step(self, seqs: list[RunningSequence], state: _Rollout) -> None:
+        graphs = self._graphs if state.width else None
         if graphs is not None and graphs.fits(len(seqs)) and all(len(s.pending) == 1 for s in seqs):
             ids = [s.pending[0] for s in seqs]
             for s in seqs:
                 s.pending = []
             tokens, logprobs = graphs.step([s.pages for s in seqs], ids, [s.seed for s in seqs],
-                                           [s.length for s in seqs])  # fmt: skip
-            running[:] = [s for s in running if id(s) not in stepped]
-            self._route(seqs, tokens, logprobs, sampling, stop_ids, running, waiting_tools, results, runner)
+                                           [s.length for s in seqs], sampling=state.sampling,
+                                           width=state.width)  # fmt: skip
+            stepped = {id(s) for s in seqs}
+            state.running[:] = [s for s in state.running if id(s) not in stepped]
+            self._route(seqs, tokens, logprobs, state)
             return
-        logits = self._forward(seqs, cache, fresh=False)  # a tool result being appended, or no graphs
-        running[:] = [s for s in running if id(s) not in stepped]
-        self._sample_and_route(seqs, logits, sampling, stop_ids, running, waiting_tools, results, runner)
+        logits = self._forward(seqs, fresh=False)  # a tool result being appended, or no graphs
+        ready = [s for s in seqs if not s.pending]  # the rest are mid-way through a tool result
+        if ready:
+            done = {id(s) for s in ready}
+            state.running[:] = [s for s in state.running if id(s) not in done]
+            self._sample_and_route(ready, logits, state)
 
-    def _sample_and_route(self, seqs, logits, sampling, stop_ids, running, waiting_tools, results, runner) -> None:
+    def _sample_and_route(self, seqs: list[RunningSequence], logits: torch.Tensor, state: _Rollout) -> None:
         device = logits.device
         seeds = to_device([s.seed for s in seqs], torch.long, device)
         positions = to_device([s.length for s in seqs], torch.long, device)
-        tokens, logprobs = sample_tokens(logits, sampling, seeds, positions)
-        self._route(seqs, tokens.tolist(), logprobs.tolist(), sampling, stop_ids, running, waiting_tools, results,
-                    runner)  # fmt: skip
+        tokens, logprobs = sample_tokens(logits, state.sampling, seeds, positions)
+        self._route(seqs, tokens.tolist(), logprobs, state)
 
-    def _route(self, seqs, tokens, logprobs, sampling, stop_ids, running, waiting_tools, results, runner) -> None:
-        """Record each sequence's sampled token; finish it, hand it to its tool, or keep it running."""
-        for s, token, logprob in zip(seqs, tokens, logprobs, strict=True):
-            s.new.append(token)
-            s.logprobs.append(logprob)
-            s.mask.append(1)
-            s.sampled += 1
+    def _route(self, seqs: list[RunningSequence], tokens: list[int], logprobs: torch.Tensor, state: _Rollout) -> None:
+        """Record each sequence's sampled token (its log-prob stays on the device: the sequence keeps its index);
+        finish it, hand it to its tool, or keep it running."""
+        first, sampling, runner = state.record(logprobs), state.sampling, state.runner
+        for k, (s, token) in enumerate(zip(seqs, tokens, strict=True)):
+            s.add_sampled(token, first + k)
             reason = None
-            if token in stop_ids:
+            if token in state.stop_ids:
                 is_call = self.harmony is not None and token == self.harmony.call
                 if is_call and runner is not None and s.tool_calls < sampling.max_turns - 1:
                     s.tool_calls += 1
                     runner.submit(s, s.new[s.turn_start :])
-                    waiting_tools[id(s)] = s
+                    state.waiting[id(s)] = s
                     continue
                 reason = "tool_call" if is_call else "stop"
-            elif s.sampled >= sampling.max_new_tokens or s.length >= self.max_model_len:
+            elif s.sampled >= sampling.max_new_tokens or s.length >= s.max_len:
                 reason = "length"
             if reason is None:
                 s.pending = [token]
-                running.append(s)
+                state.running.append(s)
             else:
-                self._finish(s, reason, results)
+                self._finish(s, reason, state)
 
-    def _finish(self, s: _Seq, reason: str, results) -> None:
-        results[s.request][s.sample] = Completion(
-            s.new, s.logprobs, s.mask, reason, s.tool_calls, s.tool_errors,
-            timing={"seconds": time.perf_counter() - s.start_time, "sampled_tokens": s.sampled},
-        )  # fmt: skip
+    def _finish(self, s: RunningSequence, reason: str, state: _Rollout) -> None:
+        s.finish, s.seconds = reason, time.perf_counter() - s.start_time
+        state.results[s.request][s.sample] = s
         self._cache.release(s.pages)
 
 

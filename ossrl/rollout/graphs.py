@@ -5,12 +5,18 @@ running them at small batches. ``DecodeGraphs`` captures the whole step — mode
 once per batch bucket (1, 2, 4, ... up to the engine's max_num_seqs) and replays it. A step of b sequences runs in
 the smallest bucket >= b; the extra rows are padding that writes and reads only the cache's scratch page (token 0,
 position 0, length 1), and their samples are dropped. Per step the host fills the fixed buffers (token ids,
-positions, seeds, slots, page tables, lengths) with one copy each, replays, and reads b tokens back.
+positions, seeds, slots, page tables, lengths) with one copy each, replays, reads b tokens back and keeps a copy of
+the b log-probs on the device.
 
-Page tables have a fixed width for the whole ``generate`` call (the longest sequence it can produce), which also
-bounds the decode kernel's grid. The graphs belong to one cache and one SamplingParams, so they live as long as one
-``generate`` call. On CPU the same fixed-buffer step runs without capture (``capture=False``): that is how the CPU
-tests check the padding and buffer logic against the plain step.
+Page tables have a fixed width for a rollout (the longest sequence it can produce, rounded up to a power of two
+pages), which also bounds the decode kernel's grid under capture. A captured step bakes in its batch bucket, that
+width, the sampling params the sampler reads (temperature, top-k, top-p, min-p) and the addresses of the cache
+tensors, so an entry is kept per (bucket, width, sampling params) for as long as the engine keeps its cache layout,
+and one whose cache was reallocated at another address (``Engine.release_memory``) is captured again before it is
+replayed. Weights may change between rollouts as long as they change in place (the optimizer's step,
+``Engine.update_weights``): a replay reads whatever the parameters hold. On CPU the same fixed-buffer step runs
+without capture (``capture=False``): that is how the CPU tests check the padding and buffer logic against the plain
+step (and, with capture simulated, the lifetime rules above).
 
 A graph cannot hold a step that reads GPU values on the host. ``capture_problem`` says when a bucket's step would
 (the MoE's loop path, e.g. fp32 on CUDA at larger batches; attention without its Triton kernel); such a bucket runs
@@ -133,6 +139,15 @@ class StaticDecodeStep(CacheStep):
         self.full_table.copy_(self.host_full, non_blocking=True)
         self.sliding_table.copy_(self.host_sliding, non_blocking=True)
 
+    def clear(self) -> None:
+        """Every row padding (on the scratch page), on the host and the device: what a warm-up or capture runs."""
+        self._block[:] = [[v] for v in self.padding]
+        self._full[:], self._sliding[:] = self.scratch_full, self.scratch_sliding
+        self.rows = [[None, 0, 0] for _ in range(self.batch)]
+        self.block.copy_(self.host_block)
+        self.full_table.copy_(self.host_full)
+        self.sliding_table.copy_(self.host_sliding)
+
     def _update_row(self, i: int, seq: SequencePages) -> None:
         row = self.rows[i]
         if row[0] is not seq:  # a different sequence: its whole row, zeros past its pages
@@ -155,73 +170,106 @@ def _checked(pages: list[int], num_pages: int) -> list[int]:
     return pages
 
 
+def sampling_key(sampling: SamplingParams) -> tuple[float, float, int, float]:
+    """What of ``sampling`` a captured step bakes in (temperature, top_p, top_k, min_p): part of its key."""
+    return (float(sampling.temperature), float(sampling.top_p), int(sampling.top_k), float(sampling.min_p))
+
+
 @dataclass
 class _Entry:
     step: StaticDecodeStep
-    run: Callable[[StaticDecodeStep], tuple[torch.Tensor, torch.Tensor]]
+    run: Callable[[StaticDecodeStep], tuple[torch.Tensor, torch.Tensor]]  # the step, its sampling params bound
     tokens: torch.Tensor
     logprobs: torch.Tensor
     graph: Any = None  # torch.cuda.CUDAGraph when captured
+    cache_ptrs: tuple[int, ...] = ()  # the cache's tensor addresses the graph was captured with
 
 
 class DecodeGraphs:
-    """One fixed-buffer decode step per batch bucket, captured in a CUDA graph when ``capture`` (made lazily, the
-    first time a bucket is needed)."""
+    """One fixed-buffer decode step per (batch bucket, page-table width, sampling params), captured in a CUDA graph
+    when ``capture`` (made lazily, the first time a key is needed). Lives as long as the engine's cache layout:
+    entries are replayed across rollouts; one whose cache tensors were reallocated elsewhere (``release_memory``)
+    is captured again before its next replay. ``stats["graph_captures"]`` counts captures."""
 
     def __init__(
         self,
         model: GptOss,
         cache: PagedKVCache,
-        sampling: SamplingParams,
         *,
         max_batch: int,
-        width: int,
         capture: bool,
         compile_backend: str | None = None,
+        stats: dict[str, int] | None = None,
     ) -> None:
-        self.model, self.cache, self.sampling, self.width, self.capture = model, cache, sampling, width, capture
+        self.model, self.cache, self.capture = model, cache, capture
         self.compiled = None if compile_backend is None else torch.compile(self._run, backend=compile_backend,
                                                                            dynamic=False)  # fmt: skip
         self.sizes = buckets(max_batch)
-        self.entries: dict[int, _Entry] = {}
-        self.pool = None  # one CUDA memory pool shared by all the graphs of this call
+        self.steps: dict[tuple[int, int], StaticDecodeStep] = {}  # (bucket, width) -> buffers, shared by samplings
+        self.entries: dict[tuple[int, int, tuple], _Entry] = {}  # (bucket, width, sampling_key) -> step to run
+        self.used: set[tuple[int, int, tuple]] = set()  # keys stepped since ``begin``
+        self.stats = stats if stats is not None else {}
+        self.stats.setdefault("graph_captures", 0)
+        self.pool = None  # one CUDA memory pool shared by all the graphs (they never run concurrently)
 
-    def _run_compiled(self, step: StaticDecodeStep) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch._dynamo.config.patch(**_recompile_limits(4 * len(self.sizes))):  # a compile per bucket, not 8
-            return self.compiled(step)
+    def _run_compiled(self, step: StaticDecodeStep, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch._dynamo.config.patch(**_recompile_limits(4 * (len(self.entries) + len(self.sizes)))):
+            return self.compiled(step, sampling)  # a compile per entry, never dynamo's default limit of 8
+
+    def begin(self) -> None:
+        """A new rollout: ``captured`` reports the buckets it uses."""
+        self.used = set()
 
     @property
     def captured(self) -> dict[int, bool]:
-        """Bucket -> whether its step was captured in a graph (only buckets used so far)."""
-        return {bucket: entry.graph is not None for bucket, entry in sorted(self.entries.items())}
+        """Bucket -> whether its step was captured in a graph (buckets stepped since ``begin``)."""
+        return {key[0]: self.entries[key].graph is not None for key in sorted(self.used, key=lambda k: k[0])}
 
     def fits(self, batch: int) -> bool:
         return batch <= self.sizes[-1]
 
-    def _run(self, step: StaticDecodeStep) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, step: StaticDecodeStep, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
         packed = PackedBatch(step.ids, step.cu_q_lens, 1, step.positions, kv_cache=step)
         logits = self.model.lm_head(self.model.forward_packed(packed)).float()
-        return sample_tokens(logits, self.sampling, step.seeds, step.sample_positions)
+        return sample_tokens(logits, sampling, step.seeds, step.sample_positions)
 
-    def _entry(self, bucket: int) -> _Entry:
-        if bucket in self.entries:
-            return self.entries[bucket]
-        step = StaticDecodeStep(self.cache, bucket, self.width)
+    def _entry(self, bucket: int, width: int, sampling: SamplingParams) -> _Entry:
+        key = (bucket, width, sampling_key(sampling))
+        entry = self.entries.get(key)
+        if entry is not None:
+            if entry.graph is not None and entry.cache_ptrs != self.cache.ptrs:  # baked-in addresses went stale
+                self._capture(entry)
+            return entry
+        step = self.steps.get((bucket, width))
+        if step is None:
+            step = self.steps[(bucket, width)] = StaticDecodeStep(self.cache, bucket, width)
         problem = capture_problem(self.model, bucket) if self.capture or self.compiled else None
         if problem:  # what a graph cannot capture, a compile would specialize on (a recompile per step)
             warn_once("decode_graphs", f"CUDA graphs / torch.compile: decode steps of {bucket}+ sequences run "
                       f"uncaptured and uncompiled ({problem})")  # fmt: skip
-        run = self._run_compiled if self.compiled is not None and problem is None else self._run
-        entry = _Entry(step, run, torch.empty(0), torch.empty(0))
-        if problem is None and self.capture:  # a new step's rows are all padding: warm-up and capture write scratch
-            self._warm_up(step, run)
-            try:
-                entry.graph, entry.tokens, entry.logprobs = self._record(step, run)
-            except RuntimeError as error:  # an op CUDA refuses in a graph that capture_problem does not know
-                warn_once(f"decode_graphs_capture_{bucket}", f"CUDA graphs: capturing the decode step of {bucket} "
-                          f"sequences failed; it runs uncaptured ({error})")  # fmt: skip
-        self.entries[bucket] = entry
+        bound = SamplingParams(*key[2])  # a copy: the caller's object may change after this call
+        fn = self._run_compiled if self.compiled is not None and problem is None else self._run
+        entry = _Entry(step, lambda s: fn(s, bound), torch.empty(0), torch.empty(0))
+        if problem is None and self.capture:
+            self._warm_up_step(entry)
+            self._capture(entry)
+        self.entries[key] = entry
         return entry
+
+    def _warm_up_step(self, entry: _Entry) -> None:
+        entry.step.clear()  # warm-up and capture run on padding rows: they write only the scratch page
+        self._warm_up(entry.step, entry.run)
+
+    def _capture(self, entry: _Entry) -> None:
+        entry.step.clear()
+        entry.graph = None
+        try:
+            entry.graph, entry.tokens, entry.logprobs = self._record(entry.step, entry.run)
+            entry.cache_ptrs = self.cache.ptrs
+            self.stats["graph_captures"] += 1
+        except RuntimeError as error:  # an op CUDA refuses in a graph that capture_problem does not know
+            warn_once(f"decode_graphs_capture_{entry.step.batch}", f"CUDA graphs: capturing the decode step of "
+                      f"{entry.step.batch} sequences failed; it runs uncaptured ({error})")  # fmt: skip
 
     def _warm_up(self, step: StaticDecodeStep, run: Callable) -> None:
         """Run the step twice on a side stream first: allocator pools, Triton autotuning and compiles settle there
@@ -242,20 +290,31 @@ class DecodeGraphs:
         return graph, tokens, logprobs
 
     def step(
-        self, pages: list[SequencePages], ids: list[int], seeds: list[int], sample_positions: list[int]
-    ) -> tuple[list[int], list[float]]:
-        """One decode step for ``len(pages)`` sequences: their sampled tokens and log-probs. Updates the cache
-        bookkeeping (lengths, sliding-window trimming) like ``CacheStep.finish``."""
+        self,
+        pages: list[SequencePages],
+        ids: list[int],
+        seeds: list[int],
+        sample_positions: list[int],
+        *,
+        sampling: SamplingParams,
+        width: int,
+    ) -> tuple[list[int], torch.Tensor]:
+        """One decode step for ``len(pages)`` sequences with page tables ``width`` pages wide: their sampled tokens
+        (host list: the one sync per step) and log-probs (fp32 on the device, a copy of the graph's output). Updates
+        the cache bookkeeping (lengths, sliding-window trimming) like ``CacheStep.finish``."""
         b = len(pages)
-        entry = self._entry(next(size for size in self.sizes if size >= b))
+        bucket = next(size for size in self.sizes if size >= b)
+        entry = self._entry(bucket, width, sampling)
+        self.used.add((bucket, width, sampling_key(sampling)))
         entry.step.load(pages, ids, seeds, sample_positions)
         if entry.graph is not None:
             entry.graph.replay()
-            tokens, logprobs = entry.tokens, entry.logprobs
+            tokens, logprobs = entry.tokens, entry.logprobs[:b].clone()  # the graph rewrites its output next step
         else:
             tokens, logprobs = entry.run(entry.step)
+            logprobs = logprobs[:b]
         entry.step.finish(pages, [1] * b)
-        return tokens[:b].tolist(), logprobs[:b].tolist()
+        return tokens[:b].tolist(), logprobs
 
 
 def _recompile_limits(limit: int) -> dict[str, int]:

@@ -72,23 +72,54 @@ class PagedKVCache:
         page_size: int,
         device: torch.device,
         dtype: torch.dtype,
+        allocate: bool = True,
     ) -> None:
         self.page_size = page_size
         self.window = config.sliding_window
         self.sliding = [t == "sliding_attention" for t in config.layer_types]
-        shape = (config.num_key_value_heads, config.head_dim)
+        self.page_shape = (page_size, config.num_key_value_heads, config.head_dim)
+        self.num_pages = {False: full_pages, True: sliding_pages}
+        self.scratch = {False: full_pages, True: sliding_pages}  # the scratch page's index, per pool (sliding?)
+        self.device, self.dtype = device, dtype
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
-        for sliding in self.sliding:
-            # one page past the pool: the scratch page, which padding rows of a fixed-size decode step write and read
-            pages = (sliding_pages if sliding else full_pages) + 1
-            self.k.append(torch.zeros(pages, page_size, *shape, device=device, dtype=dtype))
-            self.v.append(torch.zeros(pages, page_size, *shape, device=device, dtype=dtype))
-        self.scratch = {False: full_pages, True: sliding_pages}  # the scratch page's index, per pool (sliding?)
-        self.full_pool = PagePool(full_pages)
-        self.sliding_pool = PagePool(sliding_pages if any(self.sliding) else 0)
-        self.device = device
+        self.ptrs: tuple[int, ...] = ()  # addresses of the k/v tensors (a captured graph is only valid at these)
+        self.reset()
+        if allocate:
+            self.allocate()
 
+    # ---- memory ------------------------------------------------------------------------------------------------
+    @property
+    def allocated(self) -> bool:
+        return bool(self.k)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the k/v tensors (allocated or not): this layout's memory."""
+        per_page = 2 * torch.finfo(self.dtype).bits // 8 * self.page_shape[0] * self.page_shape[1] * self.page_shape[2]
+        return per_page * sum(self.num_pages[s] + 1 for s in self.sliding)
+
+    def allocate(self) -> None:
+        """Allocate the k/v tensors (zeros), one page past each pool: the scratch page, which padding rows of a
+        fixed-size decode step write and read."""
+        if self.allocated:
+            return
+        for sliding in self.sliding:
+            shape = (self.num_pages[sliding] + 1, *self.page_shape)
+            self.k.append(torch.zeros(shape, device=self.device, dtype=self.dtype))
+            self.v.append(torch.zeros(shape, device=self.device, dtype=self.dtype))
+        self.ptrs = tuple(t.data_ptr() for t in self.k + self.v)
+
+    def free(self) -> None:
+        """Drop the k/v tensors (the layout and the page pools stay; ``allocate`` brings the memory back)."""
+        self.k, self.v, self.ptrs = [], [], ()
+
+    def reset(self) -> None:
+        """Empty page pools: every page free, nothing reserved (the start of a rollout)."""
+        self.full_pool = PagePool(self.num_pages[False])
+        self.sliding_pool = PagePool(self.num_pages[True] if any(self.sliding) else 0)
+
+    # ---- pages -------------------------------------------------------------------------------------------------
     @staticmethod
     def pages_for(tokens: int, page_size: int) -> int:
         return -(-tokens // page_size)

@@ -15,13 +15,11 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ossrl.harmony import Message, parse_completion, render_messages
-
-if TYPE_CHECKING:
-    from ossrl.rollout.engine import _Seq
-    from ossrl.rollout.sampling import SamplingParams
+from ossrl.rollout.sampling import SamplingParams
+from ossrl.rollout.sequence import RunningSequence
 
 Tools = dict[str, Callable[..., Any] | Callable[..., Awaitable[Any]]]
 
@@ -41,7 +39,7 @@ class ToolRunner:
             threading.Thread(target=self.loop.run_forever, daemon=True, name="ossrl-tool-loop").start()
         return self.loop
 
-    def submit(self, seq: _Seq, turn_tokens: list[int]) -> None:
+    def submit(self, seq: RunningSequence, turn_tokens: list[int]) -> None:
         """Start the tool call that ends ``turn_tokens`` (the assistant turn just sampled, ``<|call|>`` included)."""
         parsed = parse_completion(turn_tokens, self.tokenizer)
         call = parsed.tool_call
@@ -64,7 +62,7 @@ class ToolRunner:
             future = self.pool.submit(fn, *args, **kwargs)
         self.pending[id(seq)] = (future, deadline, call.recipient)
 
-    def collect(self, waiting: dict[int, _Seq], block: bool) -> list[_Seq]:
+    def collect(self, waiting: dict[int, RunningSequence], block: bool) -> list[RunningSequence]:
         """Sequences whose tool finished (or timed out), with the result appended as tokens to feed next.
         ``block``: nothing else to do, so wait for the first result or deadline instead of returning empty."""
         if block and waiting:
@@ -88,7 +86,7 @@ class ToolRunner:
             ready.append(seq)
         return ready
 
-    def _append_result(self, seq: _Seq, recipient: str, text: str) -> None:
+    def _append_result(self, seq: RunningSequence, recipient: str, text: str) -> None:
         result = render_messages([Message.tool_result(recipient, text, namespace="")], self.tokenizer)
         budget = self.sampling.max_tool_tokens
         if len(result) > budget:  # cut the content, keep the message well-formed
@@ -98,13 +96,7 @@ class ToolRunner:
                 [Message.tool_result(recipient, self.tokenizer.decode(body) + " [truncated]", namespace="")],
                 self.tokenizer,
             )
-        appended = result + render_messages([], self.tokenizer, add_generation_prompt=True)
-        call_token = seq.new[-1]  # the sampled <|call|> was never fed to the model: it goes first
-        seq.new.extend(appended)
-        seq.logprobs.extend([0.0] * len(appended))
-        seq.mask.extend([0] * len(appended))
-        seq.pending = [call_token, *appended]
-        seq.turn_start = len(seq.new)
+        seq.append_tool_result(result + render_messages([], self.tokenizer, add_generation_prompt=True))
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
