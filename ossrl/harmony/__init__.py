@@ -20,11 +20,11 @@ from ossrl.harmony.render import (
     render_messages_text,
     system_text,
 )
+from ossrl.harmony.tiny_tokenizer import build_tiny_tokenizer
 from ossrl.harmony.tokenizer import (
     REQUIRED_TOKENS,
     TINY_SPECIAL_TOKENS,
     HarmonyTokens,
-    build_tiny_tokenizer,
     load_harmony_tokenizer,
     missing_harmony_tokens,
 )

@@ -42,7 +42,7 @@ def write_tiny_checkpoint(
 ) -> Path:
     """Write tokenizer + config + weights of a tiny GPT-OSS as an HF directory that ``GptOss.from_pretrained``,
     transformers' ``AutoTokenizer`` and ``GptOssForCausalLM`` all read."""
-    from ossrl.harmony.tokenizer import build_tiny_tokenizer
+    from ossrl.harmony.tiny_tokenizer import build_tiny_tokenizer
 
     out = Path(out_dir)
     tokenizer = build_tiny_tokenizer(out)
