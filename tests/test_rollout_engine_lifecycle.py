@@ -109,6 +109,23 @@ def test_a_group_larger_than_the_layout_lays_the_cache_out_again(tiny, caplog):
     assert engine.stats["cache_layouts"] == 2 and engine.stats["cache_allocations"] == 2
 
 
+def test_a_cache_sized_from_free_memory_that_no_longer_fits_is_laid_out_again(tiny, monkeypatch, caplog):
+    """After ``release_memory`` the trainer may keep some of the memory (optimizer state): a cache sized from free
+    GPU memory that no longer fits is laid out again, smaller, with a warning (the check itself needs CUDA: forced
+    here), rather than failing to allocate."""
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, max_num_seqs=2)
+    engine.rollout([Request(prompts(1)[0])], SAMPLING)
+    engine.release_memory()
+    monkeypatch.setattr(engine, "_shrink_needed", lambda cache: True)
+    with caplog.at_level(logging.WARNING, logger="ossrl.rollout.engine"):
+        engine.rollout([Request(prompts(1)[0])], SAMPLING)
+    assert [r for r in caplog.records if "no longer fits free GPU memory" in r.getMessage()]
+    assert engine.stats["cache_layouts"] == 2 and engine.stats["cache_allocations"] == 2
+    engine.rollout([Request(prompts(1)[0])], SAMPLING)  # allocated: nothing to check
+    assert engine.stats["cache_layouts"] == 2 and engine.stats["cache_allocations"] == 2
+
+
 def test_tool_results_are_fed_in_chunks_of_append_chunk(tiny):
     """A tool result longer than ``append_chunk`` goes in over several steps (the sliding pool is sized for the
     chunk, not for the tool budget); the sequence continues exactly as when it goes in whole."""

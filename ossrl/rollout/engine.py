@@ -251,12 +251,15 @@ class Engine:
         """The finished rollout as packed tensors (made outside inference mode: the trainer computes with them)."""
         tokens: list[int] = []
         index: list[int] = []  # per token: flat index of its sampler log-prob, -1 for prompt and appended tokens
-        per_seq: dict[str, list] = {k: [] for k in RolloutBatch.PER_SEQUENCE}
+        per_seq: dict[str, list] = {k: [] for k in ("prompt_lens", "group", "sample", "finish", "num_tool_calls",
+                                                    "tool_errors", "seconds")}  # fmt: skip
         lens, errors = [], []
         for i, request in enumerate(requests):
             if i in state.errors:
                 for j in range(max(request.n, 1)):
-                    for name, value in zip(RolloutBatch.PER_SEQUENCE, (0, i, j, ERROR, 0, 0, 0.0), strict=True):
+                    values = dict(prompt_lens=0, group=i, sample=j, finish=ERROR, num_tool_calls=0, tool_errors=0,
+                                  seconds=0.0)  # fmt: skip
+                    for name, value in values.items():
                         per_seq[name].append(value)
                     lens.append(0)
                     errors.append(state.errors[i])
@@ -266,9 +269,10 @@ class Engine:
                 tokens += s.new
                 index += [-1] * len(s.prompt)
                 index += s.logprob_index
-                values = (len(s.prompt), i, s.sample, FINISH_REASONS.index(s.finish), s.tool_calls, s.tool_errors,
-                          s.seconds)  # fmt: skip
-                for name, value in zip(RolloutBatch.PER_SEQUENCE, values, strict=True):
+                values = dict(prompt_lens=len(s.prompt), group=i, sample=s.sample,
+                              finish=FINISH_REASONS.index(s.finish), num_tool_calls=s.tool_calls,
+                              tool_errors=s.tool_errors, seconds=s.seconds)  # fmt: skip
+                for name, value in values.items():
                     per_seq[name].append(value)
                 lens.append(s.length)
                 errors.append(None)

@@ -6,6 +6,10 @@ whole life. Sliding-window layers use a second, small pool: a query never looks 
 pages wholly older than the window go back to the pool while the sequence runs, and a prefill stores only the last
 ``window`` tokens. Page-table entries of released pages are left pointing at page 0: the attention kernels never
 read positions outside the window (the reference reads and masks them).
+
+A ``PagedKVCache`` is a layout (pages per pool) plus, while allocated, its tensors: the engine keeps one across
+rollouts, ``free``s the tensors while the trainer needs the memory and ``allocate``s them again (``ptrs`` says where
+they landed: a captured decode graph is only valid at the addresses it was captured with).
 """
 
 from __future__ import annotations
