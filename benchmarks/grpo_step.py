@@ -3,15 +3,14 @@
     python -m benchmarks.grpo_step                          # 4 prompts x 4 generations, 512 new tokens
     python -m benchmarks.grpo_step --layers 4 --new-tokens 64
 
-The step is the trainer's: engine rollout (stop tokens off, so every sample runs to the limit), rewards stand-in
-(random, since random weights solve no task), GRPO advantages, one packed forward/backward with chunked log-probs
-and gradient checkpointing, AdamW on the adapters.
-
-Rollouts: ONE engine for the run, as the trainer keeps it. ``--rollout-steps`` (default 3) rollouts run on it, each
-followed by ``engine.release_memory()`` (the update gets the cache's memory back) and ``engine.update_weights()``
-(the shared model: nothing to copy); the last one's samples feed the training step. ``rollouts`` in the results has
-each step's seconds and the engine's counters (the cache is allocated once per rollout after a release, laid out
-once; graphs, with ``--cuda-graphs``, are captured in the first rollout and replayed after).
+Each step is the trainer's: engine rollout (stop tokens off, so every sample runs to the limit) into a
+``RolloutBatch``, ``engine.release_memory()`` (the update gets the cache's memory back), a rewards stand-in (random,
+since random weights solve no task), GRPO advantages, packed micro-batches through the trainer's own
+``train.update.micro_batch_loss`` (chunked log-probs of the sampled tokens only, gradient checkpointing), AdamW on
+the adapters, ``engine.update_weights()`` (the shared model: nothing to copy). ONE engine serves every step, as in
+the trainer; ``steps`` in the results has each step's rollout and train seconds and the engine's counters (the
+cache is laid out once and allocated once per rollout after a release; graphs, with ``--cuda-graphs``, are captured
+in the first step and replayed after).
 """
 
 from __future__ import annotations
@@ -23,10 +22,12 @@ import torch
 
 from benchmarks.common import environment, peak_memory_gib, reset_peak, save_results, sync
 from ossrl import rl
+from ossrl.config import AlgorithmSettings
 from ossrl.model import GptOss, GptOssConfig
 from ossrl.model.lora import LoraConfig, apply_lora, lora_parameters
 from ossrl.rollout import Engine, Request, SamplingParams
-from ossrl.train.batching import Episode, episode_logprobs, padded
+from ossrl.train.batching import pack_micro_batches
+from ossrl.train.update import MetricReducer, MicroBatch, micro_batch_loss, normalizer
 
 
 def main() -> None:
@@ -37,7 +38,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj")
-    parser.add_argument("--rollout-steps", type=int, default=3, help="rollouts on one engine (the last one trains)")
+    parser.add_argument("--steps", type=int, default=3, help="GRPO steps (rollout + update) on one engine")
+    parser.add_argument("--micro-batch-tokens", type=int, default=8192)
     parser.add_argument("--cuda-graphs", action="store_true", help="Engine(cuda_graphs=True)")
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args()
@@ -57,50 +59,46 @@ def main() -> None:
                for _ in range(args.prompts)]  # fmt: skip
     engine = Engine(model, cuda_graphs=args.cuda_graphs)
     requests = [Request(p, n=args.generations) for p in prompts]
-    results["rollouts"] = []
-    for step in range(args.rollout_steps):  # one engine across steps, as the trainer keeps it
+    algo = AlgorithmSettings()  # the trainer's defaults: GRPO advantages, PPO-clip, token-mean, TIS cap 2
+    results["steps"] = []
+    for step in range(args.steps):  # one engine across steps, as the trainer keeps it
         sampling = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, stop_token_ids=[], seed=step)
         reset_peak()
         sync()
         start = time.perf_counter()
         batch = engine.rollout(requests, sampling)
         sync()
-        rollout_s = time.perf_counter() - start
-        rollout_peak = peak_memory_gib()
+        rollout_s, rollout_peak = time.perf_counter() - start, peak_memory_gib()
         engine.release_memory()  # the update below gets the cache's memory
+        reset_peak()
+        start = time.perf_counter()
+        rewards = torch.rand(batch.num_seqs, generator=gen)  # random weights solve nothing: a stand-in
+        advantages = rl.compute_advantages(algo.advantage, rewards, batch.group.cpu(), scale=algo.scale)
+        micro = [MicroBatch(batch.select(i), advantages[i])
+                 for i in pack_micro_batches(batch.seq_lens.tolist(), args.micro_batch_tokens)]  # fmt: skip
+        norm = normalizer(batch, algo.agg)
+        reducer = MetricReducer(algo.loss)
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        for mb in micro:
+            parts = micro_batch_loss(model, mb, algo, temperature=1.0, max_len=args.new_tokens, norm=norm, first=True)
+            for name, (value, counts) in parts.items():
+                reducer.add(name, value, counts)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        model.eval()
         engine.update_weights()  # the engine shares the model: the optimizer's in-place step is the sync
-        row = {"step": step, "rollout_seconds": rollout_s, "rollout_peak_gib": rollout_peak,
-               "sampled_tokens": int(batch.loss_mask.sum()), **engine.stats}  # fmt: skip
-        results["rollouts"].append(row)
+        sync()
+        train_s = time.perf_counter() - start
+        sampled = int(batch.loss_mask.sum())
+        row = {
+            "step": step, "rollout_seconds": rollout_s, "train_seconds": train_s, "rollout_peak_gib": rollout_peak,
+            "train_peak_gib": peak_memory_gib(), "sampled_tokens": sampled, "rollout_tokens_per_s": sampled / rollout_s,
+            "train_tokens": int(batch.seq_lens.sum()), "micro_batches": len(micro),
+            "mismatch": {k: v for k, v in reducer.result().items() if k.startswith("mismatch/")}, **engine.stats,
+        }  # fmt: skip
+        results["steps"].append(row)
         print(row, flush=True)
-    groups = batch.completions()
-
-    reset_peak()
-    start = time.perf_counter()
-    episodes = [
-        Episode(p, c.token_ids, c.loss_mask, c.logprobs) for p, g in zip(prompts, groups, strict=True) for c in g
-    ]
-    rewards = torch.rand(len(episodes), generator=gen)
-    adv = rl.compute_advantages("grpo", rewards, torch.arange(len(episodes)) // args.generations).to(device)
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    lp, _ = episode_logprobs(model, episodes, temperature=1.0)
-    mask = padded([e.loss_mask for e in episodes], lp.shape[1], torch.float32, device)
-    sampler = padded([e.sampler_logprobs for e in episodes], lp.shape[1], torch.float32, device)
-    loss, _ = rl.ppo_clip_loss(lp, lp.detach(), adv, mask)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    sync()
-    train_s = time.perf_counter() - start
-    mismatch = {k: float(v) for k, v in rl.mismatch_metrics(lp.detach(), sampler, mask).items()}
-    sampled = sum(sum(e.loss_mask) for e in episodes)
-    results["step"] = {
-        "rollout_seconds": rollout_s, "train_seconds": train_s, "rollout_peak_gib": rollout_peak,
-        "train_peak_gib": peak_memory_gib(), "sampled_tokens": sampled, "rollout_tokens_per_s": sampled / rollout_s,
-        "train_tokens": sum(len(e.prompt) + len(e.completion) for e in episodes), "mismatch": mismatch,
-    }  # fmt: skip
-    print(results["step"])
     save_results("grpo_step", results, args.out)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
+
+from ossrl.model.lora import ALL_TARGETS as LORA_TARGETS
 
 
 @dataclass
@@ -57,11 +60,14 @@ class RolloutSettings:
 
 @dataclass
 class AlgorithmSettings:
+    """What each option does, with its default, is the README's "RL algorithms" table."""
+
     advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
-    scale: Literal["group", "batch", "none"] = "group"
-    loss: Literal["ppo", "gspo", "cispo"] = "ppo"
-    eps_low: float = 0.2
-    eps_high: float = 0.28
+    scale: Literal["group", "batch", "none"] | None = None  # None: the estimator's own (grpo group, others none)
+    loss: Literal["ppo", "gspo", "cispo", "pg"] = "ppo"
+    eps_low: float | None = None  # None: the loss's own (ppo 0.2, gspo 3e-4, cispo no lower bound)
+    eps_high: float | None = None  # None: the loss's own (ppo 0.28, gspo 4e-4, cispo 4.0)
+    dual_clip: float | None = None  # ppo only: dual-clip constant c > 1 for negative advantages (None: off)
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     kl_coef: float = 0.0
     kl_kind: Literal["k1", "k2", "k3"] = "k3"
@@ -257,26 +263,79 @@ def load_config(
 
 
 def validate(config: TrainConfig) -> None:
+    """Every impossible value or combination, all at once (one ConfigError naming each field), before anything
+    loads."""
+    problems: list[str] = []
+
     def check(ok: bool, name: str, why: str) -> None:
         if not ok:
-            raise ConfigError(f"{name}: {why}")
+            problems.append(f"{name}: {why}")
 
+    def finite(value: float) -> bool:
+        return math.isfinite(value)
+
+    r, algo, opt, lora, warm = config.rollout, config.algorithm, config.optim, config.lora, config.warmup
     check(config.steps >= 0, "steps", "must be >= 0")
-    check(config.rollout.n >= 1, "rollout.n", "must be >= 1 (use >= 2 for group baselines)")
-    check(config.rollout.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
-    check(config.rollout.temperature > 0, "rollout.temperature", "must be > 0 for RL (log-probs at temperature T)")
-    check(config.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
-    check(config.optim.lr > 0, "optim.lr", "must be > 0")
-    check(len(config.optim.betas) == 2, "optim.betas", "needs two numbers")
-    check(config.optim.micro_batch_tokens >= 1, "optim.micro_batch_tokens", "must be >= 1")
-    check(config.algorithm.updates_per_batch >= 1, "algorithm.updates_per_batch", "must be >= 1")
-    check(config.lora.r >= 1, "lora.r", "must be >= 1")
-    warm = config.warmup
+    check(config.eval_every >= 0, "eval_every", "must be >= 0")
+    # rollout
+    check(r.n >= 1, "rollout.n", "must be >= 1 (use >= 2 for group baselines)")
+    check(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
+    check(finite(r.temperature) and r.temperature > 0, "rollout.temperature",
+          "must be a finite number > 0 for RL (log-probs at temperature T)")  # fmt: skip
+    check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+    check(r.top_k >= 0, "rollout.top_k", "must be >= 0 (0: off)")
+    check(0 <= r.min_p < 1, "rollout.min_p", "must be in [0, 1)")
+    check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    check(r.max_turns >= 1, "rollout.max_turns", "must be >= 1")
+    check(r.tool_timeout_s > 0, "rollout.tool_timeout_s", "must be > 0")
+    check(r.max_tool_tokens >= 1, "rollout.max_tool_tokens", "must be >= 1")
+    check(r.max_num_seqs >= 1, "rollout.max_num_seqs", "must be >= 1")
+    check(r.kv_cache_tokens is None or r.kv_cache_tokens >= 1, "rollout.kv_cache_tokens", "must be >= 1 (or null)")
+    # algorithm
+    check(r.n >= 2, "rollout.n", f"must be >= 2: {algo.advantage} advantages compare samples of one prompt "
+          "(a group of one gets advantage 0 and trains nothing)")  # fmt: skip
+    check(not (algo.advantage == "dr_grpo" and algo.scale not in (None, "none")), "algorithm.scale",
+          f"{algo.scale!r} with algorithm.advantage=dr_grpo: Dr.GRPO does not scale advantages (use grpo with a "
+          "scale, or scale: none)")  # fmt: skip
+    if algo.loss == "pg":
+        check(algo.eps_low is None and algo.eps_high is None, "algorithm.eps_low/eps_high",
+              "algorithm.loss=pg has no ratio to clip; leave them unset")  # fmt: skip
+    check(algo.eps_low is None or 0 <= algo.eps_low <= 1, "algorithm.eps_low", "must be in [0, 1]")
+    check(algo.eps_high is None or algo.eps_high >= 0, "algorithm.eps_high", "must be >= 0")
+    check(algo.dual_clip is None or algo.loss == "ppo", "algorithm.dual_clip",
+          f"only algorithm.loss=ppo has a dual clip (loss is {algo.loss!r})")  # fmt: skip
+    check(algo.dual_clip is None or algo.dual_clip > 1, "algorithm.dual_clip", "must be > 1")
+    check(algo.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
+    check(algo.entropy_coef >= 0, "algorithm.entropy_coef", "must be >= 0")
+    check(not (algo.kl_coef > 0 and not lora.enabled), "algorithm.kl_coef",
+          "KL to the reference needs LoRA (the reference is the model with adapters off)")  # fmt: skip
+    check(algo.updates_per_batch >= 1, "algorithm.updates_per_batch", "must be >= 1")
+    check(algo.max_refills >= 0, "algorithm.max_refills", "must be >= 0")
+    check(0 <= algo.overlong_buffer <= r.max_new_tokens, "algorithm.overlong_buffer",
+          f"must be in [0, rollout.max_new_tokens={r.max_new_tokens}]")  # fmt: skip
+    check(algo.overlong_penalty >= 0, "algorithm.overlong_penalty", "must be >= 0")
+    check(algo.tis_cap is None or algo.tis_cap > 0, "algorithm.tis_cap", "must be > 0 (or null: off)")
+    check(algo.seq_mask_hi is None or algo.seq_mask_hi >= 1, "algorithm.seq_mask_hi", "must be >= 1 (or null: off)")
+    # optimizer
+    check(finite(opt.lr) and opt.lr > 0, "optim.lr", "must be a finite number > 0")
+    check(len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas), "optim.betas", "needs two numbers in [0, 1)")
+    check(finite(opt.weight_decay) and opt.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    check(opt.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    check(finite(opt.max_grad_norm) and opt.max_grad_norm > 0, "optim.max_grad_norm", "must be a finite number > 0")
+    check(opt.micro_batch_tokens >= 1, "optim.micro_batch_tokens", "must be >= 1")
+    # LoRA
+    check(lora.r >= 1, "lora.r", "must be >= 1")
+    check(finite(lora.alpha) and lora.alpha > 0, "lora.alpha", "must be > 0")
+    check(0 <= lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
+    unknown = [t for t in lora.targets if t not in LORA_TARGETS]
+    check(not unknown, "lora.targets", f"{unknown} are not LoRA targets; choose from {list(LORA_TARGETS)}")
+    check(not (lora.enabled and not lora.targets), "lora.targets", "empty: LoRA needs at least one target")
+    # warm start, task, checkpoints
     check(0.0 <= warm.tool_fraction <= 1.0, "warmup.tool_fraction", "must be in [0, 1]")
     # (with warmup.steps <= 0 there is no warm start, and tool_first_steps is moot)
     check(warm.tool_first_steps >= 0 and (warm.steps <= 0 or warm.tool_first_steps <= warm.steps),
           "warmup.tool_first_steps", f"must be in [0, warmup.steps={warm.steps}]")  # fmt: skip
-    check(not (config.algorithm.kl_coef > 0 and not config.lora.enabled), "algorithm.kl_coef",
-          "KL to the reference needs LoRA (the reference is the model with adapters off)")  # fmt: skip
-    check(0.0 <= config.warmup.tool_fraction <= 1.0, "warmup.tool_fraction", "must be in [0, 1]")
+    check(config.task.eval_limit is None or config.task.eval_limit >= 1, "task.eval_limit", "must be >= 1 (or null)")
     check(config.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
+    if problems:
+        raise ConfigError(problems[0] if len(problems) == 1 else "invalid config:\n  " + "\n  ".join(problems))

@@ -28,7 +28,7 @@ def test_chunked_logprobs_equal_full_log_softmax_with_gradients():
 def test_bad_configs_name_the_field_and_the_allowed_values(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config field 'optim.lrr'; did you mean 'lr'"):
         load_config(None, ["optim.lrr=1e-5"])
-    with pytest.raises(ConfigError, match=r"algorithm.loss: 'ppo2' is not one of \['ppo', 'gspo', 'cispo'\]"):
+    with pytest.raises(ConfigError, match=r"algorithm.loss: 'ppo2' is not one of \['ppo', 'gspo', 'cispo', 'pg'\]"):
         load_config(None, ["algorithm.loss=ppo2"])
     with pytest.raises(ConfigError, match="rollout.n: expected an integer"):
         load_config(None, ["rollout.n=four"])
@@ -122,13 +122,13 @@ def test_warm_start_trains_in_two_phases_and_is_cached(tmp_path, monkeypatch):
     config = load_config(None, overrides)
     task = get_task("arithmetic", system_message=False)
     seen = []  # per step: whether the batch's demonstrations call the tool
-    original = warm_start.episode_logprobs
+    original = warm_start.sampled_logprobs
 
-    def spy(model, episodes, temperature):
-        seen.append({len(e.loss_mask) != sum(e.loss_mask) for e in episodes})  # a tool result is unmasked
-        return original(model, episodes, temperature)
+    def spy(model, batch):
+        seen.append(set((batch.completion_lens != batch.sampled_lens).tolist()))  # a tool result is unmasked
+        return original(model, batch)
 
-    monkeypatch.setattr(warm_start, "episode_logprobs", spy)
+    monkeypatch.setattr(warm_start, "sampled_logprobs", spy)
     model, _, info = warm_start.load_starting_point(config, task, torch.device("cpu"), torch.float32)
     assert seen == [{True}, {True}, {False}, {False}]  # tool-only phase, then tool_fraction=0
     assert info["warmup/loss"] > 0 and (tmp_path / info["warm_start"].split("/")[-1] / "config.json").exists()

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ossrl.train.batching import pack_sequences
+
 
 def _chunk_logprobs(
     head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float
@@ -50,3 +52,41 @@ def token_logprobs(
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, empty
     return torch.cat(logprobs), torch.cat(entropies)
+
+
+def packed_logprobs(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 2048,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One packed forward over ``tokens`` [T] (sequences at ``cu_seqlens``); log-probs and entropies [M] of the
+    tokens where ``targets`` [T] (bool) is set, in order. A target may not be the first token of its sequence."""
+    if targets.shape != tokens.shape or targets.dtype != torch.bool:
+        raise ValueError(f"targets must be a bool [T] tensor like tokens {tuple(tokens.shape)}; got "
+                         f"{targets.dtype} {tuple(targets.shape)}")  # fmt: skip
+    starts = torch.zeros_like(targets)
+    starts[cu_seqlens[:-1].long()[cu_seqlens.diff() > 0]] = True
+    if bool((targets & starts).any()):
+        raise ValueError("a target token is the first of its sequence: nothing predicts it")
+    index = targets.nonzero().squeeze(1)
+    hidden = model.hidden_states(tokens, cu_seqlens=cu_seqlens)
+    return token_logprobs(model.lm_head, hidden[index - 1], tokens[index], temperature=temperature,
+                          chunk_size=chunk_size)  # fmt: skip
+
+
+def logprobs_of(
+    model: nn.Module,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    *,
+    temperature: float = 1.0,
+) -> list[torch.Tensor]:
+    """The trainer's log-probs of each completion's tokens given its prompt: one fp32 tensor per completion, from
+    the same packed forward the loss uses (log_softmax(logits / temperature)). Runs under the caller's grad mode."""
+    batch = pack_sequences(prompts, completions, device=model.device)
+    lp, _ = packed_logprobs(model, batch.tokens, batch.cu_seqlens, batch.loss_mask, temperature=temperature)
+    return list(lp.split([len(c) for c in completions]))

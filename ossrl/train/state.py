@@ -6,14 +6,25 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
+from ossrl.model import GptOss
 from ossrl.model.lora import load_peft_adapter, save_peft_adapter
 
-if TYPE_CHECKING:
-    from ossrl.train.trainer import Trainer
+
+class Trainable(Protocol):
+    """What a checkpoint holds (``ossrl.train.trainer.Trainer`` has it)."""
+
+    config: Any
+    model: GptOss
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    step: int
+    position: int
+
 
 STATE_FILE = "trainer_state.pt"
 
@@ -23,7 +34,7 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in (run_dir / "checkpoints").glob("checkpoint-*") if (p / STATE_FILE).exists())
 
 
-def save_training_state(trainer: Trainer, directory: Path) -> Path:
+def save_training_state(trainer: Trainable, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     if trainer.config.lora.enabled:
         save_peft_adapter(trainer.model, directory / "adapter")
@@ -45,13 +56,11 @@ def save_training_state(trainer: Trainer, directory: Path) -> Path:
     return directory
 
 
-def load_training_state(trainer: Trainer, directory: Path) -> None:
+def load_training_state(trainer: Trainable, directory: Path) -> None:
     state = torch.load(directory / STATE_FILE, weights_only=False)
     if trainer.config.lora.enabled:
         load_peft_adapter(trainer.model, directory / "adapter")
     else:
-        from ossrl.model import GptOss
-
         loaded = GptOss.from_pretrained(directory / "model", dtype=trainer.model.dtype, device=trainer.device)
         trainer.model.load_state_dict(loaded.state_dict())
     trainer.optimizer.load_state_dict(state["optimizer"])

@@ -1,6 +1,7 @@
-"""The GRPO-family training loop: rollout with the engine -> rewards -> advantages -> packed micro-batches ->
-loss, backward with gradient accumulation -> clip -> AdamW step. Read top to bottom; the algorithms are the pure
-tensor functions of ``ossrl.rl``."""
+"""The GRPO-family training loop: rollout with the engine (a ``RolloutBatch`` of packed tensors) -> rewards ->
+advantages -> micro-batches of whole sequences -> loss, backward with gradient accumulation (``train.update``) ->
+clip -> AdamW step -> the engine's weight-sync boundary. Read top to bottom; the algorithms are the pure tensor
+functions of ``ossrl.rl``. One engine serves the whole run: its KV cache is handed back during each update."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ import torch
 
 from ossrl import rl
 from ossrl.config import TrainConfig
-from ossrl.model.lora import LoraConfig, apply_lora, disabled_lora, lora_parameters
-from ossrl.rollout import Completion, Engine, Request, SamplingParams
+from ossrl.model.lora import LoraConfig, apply_lora, lora_parameters
+from ossrl.rollout import Engine, Request, SamplingParams
+from ossrl.rollout.batch import ERROR, FINISH_REASONS, RolloutBatch
 from ossrl.tasks import get_task
-from ossrl.train.batching import Episode, episode_logprobs, pack_micro_batches, padded
+from ossrl.train.batching import pack_micro_batches, pack_sequences
 from ossrl.train.evaluate import evaluate
 from ossrl.train.state import load_training_state, save_training_state
+from ossrl.train.update import MetricReducer, MicroBatch, fill_old_logprobs, micro_batch_loss, normalizer
 from ossrl.train.warm_start import load_starting_point
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -102,157 +105,102 @@ class Trainer:
         )  # fmt: skip
 
     # ---- one step ----------------------------------------------------------------------------------------------
-    def rollout(self) -> tuple[list[dict], list[Completion], list[float], dict[str, list], dict[str, float]]:
-        """Prompts x n samples, scored: (rows, completions, total rewards, each reward's values, metrics). With
-        dynamic sampling, groups whose rewards are all equal are replaced by fresh prompts."""
+    def rollout(self) -> tuple[RolloutBatch, list[dict], torch.Tensor, dict[str, list], dict[str, float]]:
+        """Prompts x n samples, scored: (batch, the row of each sequence, total rewards [N], each reward's values,
+        metrics). Requests the engine refused (finish "error") are dropped and counted. With dynamic sampling,
+        groups whose rewards are all equal are replaced by fresh prompts."""
         r, algo = self.config.rollout, self.config.algorithm
-        rows, completions, rewards, values = [], [], [], {}
-        sampled = attempts = 0
+        parts: list[RolloutBatch] = []
+        rows: list[dict] = []
+        rewards: list[torch.Tensor] = []
+        values: dict[str, list] = {}
+        kept = attempts = errors = sampled = 0
         start = time.perf_counter()
-        while len(rows) < r.prompts_per_step * r.n and attempts <= (algo.max_refills if algo.dynamic_sampling else 0):
-            want = r.prompts_per_step - len(rows) // r.n
-            batch_rows = self.next_rows(want)
+        while kept < r.prompts_per_step and attempts <= (algo.max_refills if algo.dynamic_sampling else 0):
+            batch_rows = self.next_rows(r.prompts_per_step - kept)
             seed = self.config.seed * 1_000_003 + self.step * 101 + attempts
             requests = [Request(self.task.render_prompt(row, self.tokenizer), n=r.n) for row in batch_rows]
-            groups = self.engine.generate(requests, self.sampling(seed), tools=self.task.tool_functions or None)
-            flat_rows = [row for row in batch_rows for _ in range(r.n)]
-            flat = [c for g in groups for c in g]
-            scored = self.task.score(flat_rows, flat, tokenizer=self.tokenizer)
-            sampled += sum(sum(c.loss_mask) for c in flat)
-            total = torch.tensor(scored.total)
-            if algo.overlong_buffer > 0:
-                lengths = torch.tensor([sum(c.loss_mask) for c in flat])
-                total = total + rl.overlong_penalty(lengths, r.max_new_tokens, algo.overlong_buffer,
-                                                    penalty=algo.overlong_penalty)  # fmt: skip
-            keep = torch.ones(len(batch_rows), dtype=torch.bool)
-            if algo.dynamic_sampling:
-                keep = rl.filter_groups(total.view(len(batch_rows), r.n))
-            for g in keep.nonzero().squeeze(1).tolist():
-                rows.extend(flat_rows[g * r.n : (g + 1) * r.n])
-                completions.extend(flat[g * r.n : (g + 1) * r.n])
-                rewards.extend(total[g * r.n : (g + 1) * r.n].tolist())
-                for name, vals in scored.values.items():
-                    values.setdefault(name, []).extend(vals[g * r.n : (g + 1) * r.n])
+            batch = self.engine.rollout(requests, self.sampling(seed), tools=self.task.tool_functions or None)
             attempts += 1
+            ok = (batch.finish != ERROR).nonzero().squeeze(1).cpu()
+            errors += batch.num_seqs - ok.numel()
+            batch = batch.select(ok)
+            if batch.num_seqs == 0:
+                continue
+            sampled += int(batch.sampled_lens.sum())
+            seq_rows = [batch_rows[g] for g in batch.group.tolist()]
+            scored = self.task.score(seq_rows, batch.completion_ids(), tokenizer=self.tokenizer)
+            total = torch.tensor(scored.total, dtype=torch.float32)
+            if algo.overlong_buffer > 0:
+                total = total + rl.overlong_penalty(batch.sampled_lens.cpu(), r.max_new_tokens, algo.overlong_buffer,
+                                                    penalty=algo.overlong_penalty)  # fmt: skip
+            keep = torch.ones(batch.num_seqs, dtype=torch.bool)
+            if algo.dynamic_sampling:
+                keep = rl.filter_groups(total, batch.group.cpu())
+            index = keep.nonzero().squeeze(1)
+            parts.append(batch.select(index))
+            rows.extend(seq_rows[i] for i in index.tolist())
+            rewards.append(total[index])
+            for name, vals in scored.values.items():
+                values.setdefault(name, []).extend(vals[i] for i in index.tolist())
+            kept += int(batch.group[keep.to(batch.device)].unique().numel())
         seconds = time.perf_counter() - start
         metrics = {"rollout_tokens_per_s": sampled / max(seconds, 1e-9), "rollout_seconds": seconds,
-                   "groups_kept": len(rows) // r.n}  # fmt: skip
-        return rows, completions, rewards, values, metrics
+                   "groups_kept": float(kept), "rollout_errors": float(errors)}  # fmt: skip
+        if not parts:
+            return pack_sequences([], [], device=self.device), [], torch.zeros(0), {}, metrics
+        return RolloutBatch.cat(parts), rows, torch.cat(rewards), values, metrics
 
     def train_step(self) -> dict[str, float]:
         cfg, algo = self.config, self.config.algorithm
-        rows, completions, reward_list, reward_values, metrics = self.rollout()
-        rewards = torch.tensor(reward_list, dtype=torch.float32)
-        metrics.update(self._reward_metrics(rewards, reward_values, completions))
-        if not completions:
+        batch, _, rewards, reward_values, metrics = self.rollout()
+        self.engine.release_memory()  # the KV cache's memory is the update's until the next rollout
+        metrics.update(self._reward_metrics(batch, rewards, reward_values))
+        if batch.num_seqs == 0 or not bool(batch.loss_mask.any()):
             return {**metrics, "skipped": 1.0}
-        group_ids = torch.arange(len(completions)) // cfg.rollout.n
-        advantages = rl.compute_advantages(algo.advantage, rewards, group_ids, scale=algo.scale).tolist()
-        prompts = [self.task.render_prompt(row, self.tokenizer) for row in rows]
-        episodes = [
-            Episode(p, c.token_ids, c.loss_mask, c.logprobs, a, g)
-            for p, c, a, g in zip(prompts, completions, advantages, group_ids.tolist(), strict=True)
-            if c.token_ids and c.finish_reason != "error"
-        ]
-        if not episodes:
-            return {**metrics, "skipped": 1.0}
+        advantages = rl.compute_advantages(algo.advantage, rewards, batch.group.cpu(), scale=algo.scale)
         start = time.perf_counter()
-        micro = pack_micro_batches(episodes, cfg.optim.micro_batch_tokens)
-        normalizer = self._normalizer(episodes)
-        old = self._old_logprobs(episodes, micro) if algo.updates_per_batch > 1 else None
+        micro = [
+            MicroBatch(batch.select(index), advantages[index])
+            for index in pack_micro_batches(batch.seq_lens.tolist(), cfg.optim.micro_batch_tokens)
+        ]
+        norm = normalizer(batch, algo.agg)
+        temperature, max_len = cfg.rollout.temperature, cfg.rollout.max_new_tokens
+        if algo.updates_per_batch > 1:
+            self.model.eval()
+            fill_old_logprobs(self.model, micro, temperature)
         self.model.train()
-        for _ in range(algo.updates_per_batch):
+        for update in range(algo.updates_per_batch):
             self.optimizer.zero_grad(set_to_none=True)
-            sums: dict[str, float] = {}
+            reducer = MetricReducer(algo.loss)
             for mb in micro:
-                parts = self._micro_batch_loss([episodes[i] for i in mb], normalizer, None if old is None else
-                                               [old[i] for i in mb])  # fmt: skip
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                parts = micro_batch_loss(self.model, mb, algo, temperature=temperature, max_len=max_len, norm=norm,
+                                         first=update == 0)  # fmt: skip
+                for name, (value, counts) in parts.items():
+                    reducer.add(name, value, counts)
+            if update == 0:
+                first = {k: v for k, v in reducer.result().items() if k.startswith("mismatch/")}
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.max_grad_norm)
-            if not torch.isfinite(grad_norm) or not math.isfinite(sums.get("loss", 0.0)):
+            if not torch.isfinite(grad_norm) or not math.isfinite(reducer.result().get("loss", 0.0)):
                 self.optimizer.zero_grad(set_to_none=True)
                 metrics["skipped"] = 1.0  # non-finite loss or gradient: no update, the run goes on
                 break
             self.optimizer.step()
         self.scheduler.step()
         self.model.eval()
-        train_tokens = sum(len(e.prompt) + len(e.completion) for e in episodes)
-        metrics.update({k: v for k, v in sums.items()})
+        self.engine.update_weights()  # the engine runs this very model: the boundary, with nothing to copy
+        metrics.update(reducer.result())
+        metrics.update(first)
+        train_seconds = max(time.perf_counter() - start, 1e-9)
         metrics.update(grad_norm=float(grad_norm), lr=self.scheduler.get_last_lr()[0],
-                       train_tokens_per_s=train_tokens / max(time.perf_counter() - start, 1e-9))  # fmt: skip
+                       train_tokens_per_s=int(batch.seq_lens.sum()) / train_seconds)  # fmt: skip
         metrics.setdefault("skipped", 0.0)
         if torch.cuda.is_available():
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return metrics
 
-    def _normalizer(self, episodes: list[Episode]) -> float:
-        agg = self.config.algorithm.agg
-        if agg == "token-mean":
-            return float(sum(sum(e.loss_mask) for e in episodes))
-        if agg == "seq-mean-token-mean":
-            return float(sum(1 for e in episodes if any(e.loss_mask)))
-        return float(len(episodes))
-
-    @torch.no_grad()
-    def _old_logprobs(self, episodes: list[Episode], micro: list[list[int]]) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = [torch.empty(0)] * len(episodes)
-        for mb in micro:
-            lp, _ = episode_logprobs(self.model, [episodes[i] for i in mb], self.config.rollout.temperature)
-            for row, i in enumerate(mb):
-                out[i] = lp[row, : len(episodes[i].completion)]
-        return out
-
-    def _micro_batch_loss(self, eps: list[Episode], normalizer: float, old: list[torch.Tensor] | None) -> dict:
-        """Forward + backward of one micro-batch; the loss is already divided by the whole batch's normalizer, so
-        accumulated gradients equal the full batch's. Returns the metrics' contributions (sums over the batch)."""
-        algo, device, temp = self.config.algorithm, self.model.device, self.config.rollout.temperature
-        lp, entropy = episode_logprobs(self.model, eps, temp)
-        width = lp.shape[1]
-        mask = padded([e.loss_mask for e in eps], width, torch.float32, device)
-        sampler = padded([e.sampler_logprobs for e in eps], width, torch.float32, device)
-        adv = torch.tensor([e.advantage for e in eps], dtype=torch.float32, device=device)
-        old_lp = (
-            lp.detach() if old is None else torch.stack([torch.nn.functional.pad(o, (0, width - len(o))) for o in old])
-        )
-        mismatch = rl.mismatch_metrics(lp.detach(), sampler, mask)
-        is_weights = None if algo.tis_cap is None else rl.truncated_is_weights(lp.detach(), sampler, mask,
-                                                                                cap=algo.tis_cap)  # fmt: skip
-        if algo.seq_mask_hi is not None:
-            keep, _ = rl.sequence_is_mask(lp.detach(), sampler, mask, hi=algo.seq_mask_hi)
-            mask = mask * keep[:, None]
-        max_len = max(self.config.rollout.max_new_tokens, width)
-        loss_fn = rl.get_policy_loss(algo.loss)
-        eps_kwargs = {"eps_low": algo.eps_low, "eps_high": algo.eps_high} if algo.loss == "ppo" else {}
-        loss, m = loss_fn(lp, old_lp, adv, mask, agg=algo.agg, max_len=max_len, normalizer=normalizer,
-                          is_weights=is_weights, **eps_kwargs)  # fmt: skip
-        out = {"policy_loss": loss.item()}
-        if algo.kl_coef > 0:
-            with torch.no_grad(), disabled_lora(self.model):
-                ref_lp, _ = episode_logprobs(self.model, eps, temp)
-            kl = rl.kl_loss(lp, ref_lp, mask, kind=algo.kl_kind, agg=algo.agg, max_len=max_len, normalizer=normalizer)
-            loss = loss + algo.kl_coef * kl
-            out["kl"] = kl.item()
-        if algo.entropy_coef > 0:
-            loss = loss + rl.entropy_bonus(entropy, mask, algo.entropy_coef, agg=algo.agg, max_len=max_len,
-                                           normalizer=normalizer)  # fmt: skip
-        loss.backward()
-        share = (
-            len(eps) / max(1.0, normalizer) if algo.agg != "token-mean" else float(mask.sum()) / max(1.0, normalizer)
-        )
-        out["loss"] = loss.item()
-        out["entropy"] = float(rl.masked_mean(entropy.detach(), mask)) * share
-        for key in ("clip_frac_low", "clip_frac_high"):
-            if key in m:
-                out[key] = float(m[key]) * share
-        for key, value in mismatch.items():
-            out[f"mismatch/{key}"] = float(value) * share if key != "max_abs_diff" else float(value)
-        return out
-
-    def _reward_metrics(
-        self, rewards: torch.Tensor, values: dict[str, list], completions: list[Completion]
-    ) -> dict[str, float]:
-        if not completions:
+    def _reward_metrics(self, batch: RolloutBatch, rewards: torch.Tensor, values: dict[str, list]) -> dict[str, float]:
+        if batch.num_seqs == 0:
             return {"reward/mean": 0.0}
         out = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0}
         for name, vals in values.items():
@@ -262,9 +210,9 @@ class Trainer:
         accuracy = out.get(f"reward/{self.task.accuracy_reward}")
         if accuracy is not None:
             out["accuracy"] = accuracy
-        out["response_length"] = sum(sum(c.loss_mask) for c in completions) / len(completions)
-        out["tool_calls_per_episode"] = sum(c.num_tool_calls for c in completions) / len(completions)
-        out["finish_length_frac"] = sum(c.finish_reason == "length" for c in completions) / len(completions)
+        out["response_length"] = batch.sampled_lens.float().mean().item()
+        out["tool_calls_per_episode"] = batch.num_tool_calls.float().mean().item()
+        out["finish_length_frac"] = (batch.finish == FINISH_REASONS.index("length")).float().mean().item()
         return out
 
     # ---- evaluation and checkpoints ----------------------------------------------------------------------------

@@ -17,7 +17,9 @@ from ossrl.harmony import load_harmony_tokenizer
 from ossrl.model import GptOss
 from ossrl.model.checkpoint import resolve_checkpoint_dir
 from ossrl.model.tiny import TINY_VERSION, write_tiny_checkpoint
-from ossrl.train.batching import Episode, episode_logprobs, pack_micro_batches
+from ossrl.rollout.batch import RolloutBatch
+from ossrl.train.batching import pack_micro_batches, pack_sequences
+from ossrl.train.logprobs import packed_logprobs
 
 log = logging.getLogger(__name__)
 # Bump when supervised_warm_start changes how it trains: cached warm starts are keyed by it.
@@ -38,21 +40,25 @@ def base_checkpoint(config: TrainConfig) -> Path:
     return cache
 
 
+def sampled_logprobs(model: GptOss, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropies of the tokens a demonstration's loss mask selects (one packed forward)."""
+    return packed_logprobs(model, batch.tokens, batch.cu_seqlens, batch.loss_mask)
+
+
 def supervised_warm_start(model: GptOss, tokenizer: Any, task: Any, config: TrainConfig) -> dict[str, float]:
     """Full-parameter SFT on ``task.demonstrations``: cross-entropy on the tokens the policy writes (tool results
     excluded). The first ``warmup.tool_first_steps`` steps draw from tool-using demonstrations only, the rest from
     demonstrations that use the tool in a ``warmup.tool_fraction`` share. Returns the final loss and the wall time."""
     settings = config.warmup
 
-    def rendered(tool_fraction: float, seed: int) -> list[Episode]:
-        out = []
-        for demo in task.demonstrations(settings.examples, tool_fraction=tool_fraction, seed=seed):
-            r = task.render_demonstration(demo, tokenizer)
-            out.append(Episode(r["prompt_ids"], r["completion_ids"], r["loss_mask"], [0.0] * len(r["loss_mask"])))
-        return out
+    def rendered(tool_fraction: float, seed: int) -> RolloutBatch:
+        demos = [task.render_demonstration(d, tokenizer)
+                 for d in task.demonstrations(settings.examples, tool_fraction=tool_fraction, seed=seed)]  # fmt: skip
+        return pack_sequences([d["prompt_ids"] for d in demos], [d["completion_ids"] for d in demos],
+                              [d["loss_mask"] for d in demos], device=model.device)  # fmt: skip
 
     mixed = rendered(settings.tool_fraction, config.seed)
-    tool_only = rendered(1.0, config.seed + 1) if settings.tool_first_steps else []
+    tool_only = rendered(1.0, config.seed + 1) if settings.tool_first_steps else mixed
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10) * (1 - s / settings.steps))
@@ -60,19 +66,15 @@ def supervised_warm_start(model: GptOss, tokenizer: Any, task: Any, config: Trai
     start, loss_value = time.perf_counter(), float("nan")
     model.train()
     for step in range(settings.steps):
-        episodes = tool_only if step < settings.tool_first_steps else mixed
-        batch = torch.randint(0, len(episodes), (settings.batch_size,), generator=generator).tolist()
-        chosen = [episodes[i] for i in batch]
-        tokens = sum(sum(ep.loss_mask) for ep in chosen)
+        demos = tool_only if step < settings.tool_first_steps else mixed
+        chosen = demos.select(torch.randint(0, demos.num_seqs, (settings.batch_size,), generator=generator))
+        tokens = int(chosen.loss_mask.sum())
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for micro in pack_micro_batches(chosen, config.optim.micro_batch_tokens):
-            eps = [chosen[i] for i in micro]
-            lp, _ = episode_logprobs(model, eps, temperature=1.0)
-            mask = torch.zeros_like(lp)
-            for row, ep in enumerate(eps):
-                mask[row, : len(ep.loss_mask)] = torch.tensor(ep.loss_mask, dtype=mask.dtype)
-            loss = -(lp * mask).sum() / tokens
+        for micro in pack_micro_batches(chosen.seq_lens.tolist(), config.optim.micro_batch_tokens):
+            mb = chosen.select(micro)
+            lp, _ = sampled_logprobs(model, mb)
+            loss = -lp.sum() / tokens
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
