@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,28 +28,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a YAML recipe (optional), then overrides: optim.lr=1e-5 resume=true")  # fmt: skip
 
     ev = sub.add_parser("eval", help="accuracy of a model on a task's held-out split")
-    add_model_arguments(ev)
-    ev.add_argument("--task", required=True, help="task name (ossrl.tasks.list_tasks())")
+    add_model_arguments(ev, run=True)
+    ev.add_argument("--task", default=None, help="task name (ossrl.tasks.list_tasks()); --run: the run's")
     ev.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="task option, e.g. path=../shared/data/gsm8k/train.jsonl (repeatable)")  # fmt: skip
-    ev.add_argument("--split", default="eval")
-    ev.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
-    ev.add_argument("--max-new-tokens", type=int, default=512)
+    ev.add_argument("--split", default=None, help="default: eval (or the task's test split)")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only (--run: the run's)")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="default 512 (--run: the run's)")
     ev.add_argument("--temperature", type=float, default=0.0)
-    ev.add_argument("--max-turns", type=int, default=4, help="assistant turns when the task has tools")
+    ev.add_argument("--max-turns", type=int, default=None, help="assistant turns when the task has tools (default 4)")
     ev.add_argument("--out", default=None, help="also write the result as JSON here")
 
     ch = sub.add_parser("chat", help="talk to a model in Harmony (lines from stdin; /reset, /exit)",
                         description="Chat with a model in the Harmony format, the rollout engine generating. Each "
                         "line read is a user turn; the whole conversation is the next prompt. /reset clears it, "
                         "/exit or end of input quits. Analysis and tool traffic are shown prefixed.")  # fmt: skip
-    add_model_arguments(ch)
+    add_model_arguments(ch, run=True)
     ch.add_argument("--task", default=None, help="give the model a task's tools and instructions (e.g. arithmetic)")
     ch.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="task option, e.g. tools=[] (repeatable; needs --task)")  # fmt: skip
     ch.add_argument("--temperature", type=float, default=1.0)
     ch.add_argument("--max-new-tokens", type=int, default=1024, help="sampled tokens per reply, tool turns included")
-    ch.add_argument("--max-turns", type=int, default=4, help="assistant turns per reply when there are tools")
+    ch.add_argument("--max-turns", type=int, default=None, help="assistant turns per reply with tools (default 4)")
     ch.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default=None,
                     help="default: the task's (low), else medium")  # fmt: skip
     ch.add_argument("--instructions", default=None, help="developer instructions (default: the task's)")
@@ -65,17 +68,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF-format checkpoint directory or Hub id (with its tokenizer)")
+def add_model_arguments(p: argparse.ArgumentParser, run: bool = False) -> None:
+    """--model/--adapter/--device/--dtype; with ``run``, also --run RUN_DIR, which supplies them (and the task)."""
+    p.add_argument("--model", required=not run, default=None,
+                   help="HF-format checkpoint directory or Hub id (with its tokenizer)")  # fmt: skip
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory in PEFT's format (e.g. a checkpoint's)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default: bfloat16")
+    if run:
+        p.add_argument("--run", default=None, metavar="RUN_DIR",
+                       help="a training run: its base model, last adapter, dtype, task, options and sampling "
+                       "(flags given here win)")  # fmt: skip
+
+
+def apply_run(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill what the user did not give from ``--run RUN_DIR``: model, adapter, dtype, device, task and its options,
+    and the run's evaluation settings (``ossrl eval --run DIR`` reproduces the run's own ``eval_after``)."""
+    run = getattr(args, "run", None)
+    if run is None:
+        if args.model is None:
+            raise ValueError("--model (or --run RUN_DIR) is required")
+        args.dtype = args.dtype or "bfloat16"
+        return args
+    from ossrl.train.run import run_settings
+
+    found = run_settings(run)
+    args.model = args.model or found["model"]
+    args.adapter = args.adapter or found["adapter"]
+    args.dtype = args.dtype or found["dtype"]
+    args.device = args.device or found["device"]
+    if getattr(args, "task", None) is None:
+        args.task = found["task"]
+        args.option = [*(f"{k}={json.dumps(v)}" for k, v in found["options"].items()), *args.option]
+    for name in ("limit", "max_new_tokens", "max_turns", "split"):
+        if hasattr(args, name) and getattr(args, name) is None:
+            setattr(args, name, found[name])
+    args.run_sampling = found["sampling"]  # tool timeout and result budget, as the run's evaluations used
+    return args
 
 
 def parse_options(pairs: list[str]) -> dict[str, object]:
     """KEY=VALUE pairs; values parse as JSON when they can (numbers, true/false, lists), else stay strings."""
-    import json
-
     options: dict[str, object] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -100,14 +133,44 @@ def run_train(items: list[str]) -> int:
         print(f"ossrl train: {err}", file=sys.stderr)
         return 2
     from ossrl.train.run import run_training
+    from ossrl.train.trainer import RewardFailure
 
-    result = run_training(config)
+    show_progress_logs()
+    try:
+        result = run_training(config)
+    except (ValueError, OSError, ImportError, RewardFailure) as err:  # bad paths, models, tasks, data, rewards
+        if os.environ.get("OSSRL_DEBUG"):
+            raise
+        print(f"ossrl train: {err}  (OSSRL_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
     before, after = result["eval_before"], result["eval_after"]
     print(f"accuracy: {before['accuracy']:.3f} before -> {after['accuracy']:.3f} after "
           f"(tool use {before['tool_use_rate']:.2f} -> {after['tool_use_rate']:.2f}); "
           f"{result['wall_time_s']:.0f} s")  # fmt: skip
     print(f"report: {result['report']}\nsummary: {result['summary']}\nadapter: {result['adapter']}")
     return 0
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (tests and notebooks swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
+def show_progress_logs() -> None:
+    """ossrl's INFO lines (model loading, the warm start's progress) on stderr from the first second of a run."""
+    logger = logging.getLogger("ossrl")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("[ossrl %(asctime)s] %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -130,18 +193,19 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    import json
-
     from ossrl.rollout import SamplingParams
     from ossrl.tasks import get_task
     from ossrl.train.evaluate import evaluate
 
+    apply_run(args)
+    if args.task is None:
+        raise ValueError("--task (or --run RUN_DIR) is required")
     task = get_task(args.task, **parse_options(args.option))  # bad names fail here, before the model loads
     model, tokenizer = load_model(args)
-    sampling = SamplingParams(
-        temperature=args.temperature, max_new_tokens=args.max_new_tokens, max_turns=args.max_turns
-    )
-    result = evaluate(model, tokenizer, task, split=args.split, limit=args.limit, sampling=sampling)
+    sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens or 512,
+                              max_turns=args.max_turns or 4, **getattr(args, "run_sampling", {}))  # fmt: skip
+    split = args.split or ("eval" if "eval" in task.splits else "test")
+    result = evaluate(model, tokenizer, task, split=split, limit=args.limit, sampling=sampling)
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w") as f:
@@ -155,6 +219,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from ossrl.tasks import get_task
     from ossrl.tasks.base import Prompt
 
+    apply_run(args)
     options = parse_options(args.option)
     if args.task:  # bad task names and options fail here, before the model loads
         flags = {"reasoning_effort": args.reasoning_effort, "instructions": args.instructions,
@@ -169,7 +234,7 @@ def run_chat(args: argparse.Namespace) -> int:
         tools = {}
     model, tokenizer = load_model(args)
     sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                              max_turns=args.max_turns if tools else 1, seed=args.seed)  # fmt: skip
+                              max_turns=(args.max_turns or 4) if tools else 1, seed=args.seed)  # fmt: skip
     session = ChatSession(model, tokenizer, prompt=prompt, tools=tools, sampling=sampling)
     print(describe(session), file=sys.stderr)
     run_chat(session, stdin_lines(), lambda line: print(line, flush=True), color=use_color())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import logging
 import math
 import types
 import typing
@@ -21,6 +22,8 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from ossrl.model.lora import ALL_TARGETS as LORA_TARGETS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -252,14 +255,41 @@ def load_config(
             raise ConfigError(f"{path}: not valid YAML ({err})") from err
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    recipe_task = (data.get("task") or {}).get("name") if isinstance(data.get("task"), dict) else None
+    keys = []
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected section.field=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({err})") from err
+        _set_dotted(data, key.strip(), value)
+        keys.append(key.strip())
+    _forget_other_tasks_settings(data, recipe_task, keys)
     config = _build(TrainConfig, data, "")
     validate(config)
     return config
+
+
+def _forget_other_tasks_settings(data: dict[str, Any], recipe_task: str | None, keys: list[str]) -> None:
+    """An override that switches the recipe to another task drops what belonged to the recipe's task: its task
+    options (``max_digits`` means nothing to gsm8k) and its warm start (demonstrations of that task), unless the
+    overrides set them too."""
+    task = data.get("task") if isinstance(data.get("task"), dict) else None
+    if task is None or recipe_task is None or "task.name" not in keys or task.get("name") == recipe_task:
+        return
+    dropped = []
+    if "options" in task and not any(k.startswith("task.options") for k in keys):
+        task.pop("options")
+        dropped.append("task.options")
+    if "warmup" in data and not any(k.startswith("warmup") for k in keys):
+        data.pop("warmup")
+        dropped.append("warmup")
+    if dropped:
+        log.info("task.name: %s instead of the recipe's %s; the recipe's %s dropped", task.get("name"), recipe_task,
+                 " and ".join(dropped))  # fmt: skip
 
 
 def validate(config: TrainConfig) -> None:

@@ -8,6 +8,7 @@ packs its real tokens, runs the same path and scatters the result back.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from ossrl.kernels import sink_attention
 from ossrl.kernels.moe import moe_experts
 from ossrl.model.checkpoint import keeps_fp32, load_weights, resolve_checkpoint_dir, write_checkpoint
 from ossrl.model.config import GptOssConfig
+from ossrl.model.footprint import check_fits
 from ossrl.model.mxfp4 import MXFP4Weight
 
 
@@ -395,6 +397,8 @@ class GptOss(nn.Module):
         directory = resolve_checkpoint_dir(path_or_hub_id)
         with torch.device("meta"):  # no weights are allocated before the checkpoint's own are read
             model = cls(GptOssConfig.from_json(directory / "config.json"))
+        packed = keep_mxfp4 and "quantization_config" in json.loads((directory / "config.json").read_text())
+        check_fits(model, dtype, torch.device(device), mxfp4_experts=packed, what=str(path_or_hub_id))
         model.set_dtype(dtype)
         load_weights(model, directory, dtype=dtype, device=device, keep_mxfp4=keep_mxfp4, strict=strict)
         return model

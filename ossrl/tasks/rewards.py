@@ -127,6 +127,7 @@ class RewardOutput:
     values: dict[str, list[float | None]]
     weights: dict[str, float]
     errors: dict[str, int] = field(default_factory=dict)
+    error_messages: dict[str, str] = field(default_factory=dict)  # per reward, its last error of this call
 
     def means(self) -> dict[str, float | None]:
         """Each reward's mean over the samples where it applies (None if it applied to none)."""
@@ -162,6 +163,7 @@ class RewardSet:
         self.rewards = list(rewards)
         self.normalize = normalize
         self._logged: set[tuple[str, str]] = set()
+        self._messages: dict[str, str] = {}
 
     @property
     def weights(self) -> dict[str, float]:
@@ -176,9 +178,10 @@ class RewardSet:
         _rows(len(comps), cols)  # checks the lengths
         values: dict[str, list[float | None]] = {}
         errors: dict[str, int] = {}
+        self._messages = {}
         for reward in self.rewards:
             values[reward.name], errors[reward.name] = self._run(reward, prompts, comps, cols)
-        return RewardOutput(self._combine(values, len(comps)), values, self.weights, errors)
+        return RewardOutput(self._combine(values, len(comps)), values, self.weights, errors, self._messages)
 
     def _combine(self, values: dict[str, list[float | None]], n: int) -> list[float]:
         total = []
@@ -229,6 +232,7 @@ class RewardSet:
             return _FAILED
 
     def _log(self, reward: Reward, err: Exception, prompt: Any, completion: ParsedCompletion) -> None:
+        self._messages[reward.name] = f"{type(err).__name__}: {err}"
         key = (reward.name, type(err).__name__)
         if key in self._logged:
             return

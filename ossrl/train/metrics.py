@@ -83,6 +83,35 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def progress_columns() -> list[Any]:
+    """The live bar's columns: a 10-cell bar, the step, elapsed time and ETA, then the stats, which ``fit_stats``
+    cuts to the terminal's width so that a narrow terminal loses stats, never the step or the ETA."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.table import Column
+
+    def fixed() -> Column:
+        return Column(no_wrap=True)
+
+    return [
+        TextColumn("[bold]train", table_column=fixed()),
+        BarColumn(bar_width=10, table_column=fixed()),
+        MofNCompleteColumn(table_column=fixed()),
+        TimeElapsedColumn(table_column=fixed()),
+        TextColumn("eta", table_column=fixed()),
+        TimeRemainingColumn(table_column=fixed()),
+        TextColumn("{task.fields[stats]}", table_column=fixed()),
+    ]
+
+
+def fit_stats(stats: str, width: int, total: int | None) -> str:
+    """``stats`` cut (with an ellipsis) to what a ``width``-column terminal leaves beside the fixed columns."""
+    digits = len(str(total or 0))
+    room = width - (48 + 2 * digits)  # "train " + bar + " N/N " + "0:00:00 eta -:--:-- " and separators
+    if len(stats) <= room:
+        return stats
+    return stats[: max(0, room - 1)] + "…" if room > 1 else ""
+
+
 def _import_wandb() -> Any:
     try:
         import wandb
@@ -168,25 +197,9 @@ class RunLogger:
         self._plain_lines = show_progress and not self._live
         self._progress: Any = None
         if self._live:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
+            from rich.progress import Progress
 
-            self._progress = Progress(
-                TextColumn("[bold]train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[stats]}"),
-                console=self.console,
-            )
+            self._progress = Progress(*progress_columns(), console=self.console)
             self._task = self._progress.add_task("train", total=self.total_steps, stats="")
             self._progress.start()
 
@@ -219,6 +232,7 @@ class RunLogger:
         keys = _BAR_KEYS if "tokens_per_s" in scalars else _BAR_KEYS[:-1] + _BAR_TPS_FALLBACK
         stats = " · ".join(f"{label} {_fmt(scalars[k])}" for k, label in keys if k in scalars)
         if self._progress is not None:
+            stats = fit_stats(stats, self.console.width, self.total_steps)
             self._progress.update(self._task, completed=step, stats=stats)
         elif self._plain_lines:
             total = self.total_steps

@@ -24,6 +24,7 @@ class Trainable(Protocol):
     scheduler: Any
     step: int
     position: int
+    base_model_name: str
 
 
 STATE_FILE = "trainer_state.pt"
@@ -37,7 +38,7 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 def save_training_state(trainer: Trainable, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     if trainer.config.lora.enabled:
-        save_peft_adapter(trainer.model, directory / "adapter")
+        save_peft_adapter(trainer.model, directory / "adapter", base_model_name_or_path=trainer.base_model_name)
     else:
         trainer.model.save_pretrained(directory / "model")
     state = {

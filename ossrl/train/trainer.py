@@ -19,13 +19,19 @@ from ossrl.model.lora import LoraConfig, apply_lora, lora_parameters
 from ossrl.rollout import Engine, Request, SamplingParams
 from ossrl.rollout.batch import ERROR, FINISH_REASONS, RolloutBatch
 from ossrl.tasks import get_task
+from ossrl.tasks.rewards import RewardOutput
 from ossrl.train.batching import pack_micro_batches, pack_sequences
-from ossrl.train.evaluate import evaluate
+from ossrl.train.evaluate import accuracy_reward, evaluate
 from ossrl.train.state import load_training_state, save_training_state
 from ossrl.train.update import MetricReducer, MicroBatch, fill_old_logprobs, micro_batch_loss, normalizer
 from ossrl.train.warm_start import load_starting_point
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+SAMPLES_PER_STEP = 4  # sequences of each step written to RUN_DIR/samples.jsonl
+
+
+class RewardFailure(RuntimeError):
+    """A reward function failed on every sample of a step."""
 
 
 def _device(name: str) -> torch.device:
@@ -67,6 +73,7 @@ class Trainer:
         self._order_epoch = -1
         self.position = 0  # prompts consumed so far (the data position a resume restores)
         self.step = 0
+        self.samples: list[dict] = []  # a few of the last step's sequences, as text
 
     # ---- schedule and data -------------------------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:
@@ -114,6 +121,8 @@ class Trainer:
         rows: list[dict] = []
         rewards: list[torch.Tensor] = []
         values: dict[str, list] = {}
+        reward_errors: dict[str, int] = {}
+        self.samples = []
         kept = attempts = errors = sampled = 0
         start = time.perf_counter()
         while kept < r.prompts_per_step and attempts <= (algo.max_refills if algo.dynamic_sampling else 0):
@@ -129,7 +138,11 @@ class Trainer:
                 continue
             sampled += int(batch.sampled_lens.sum())
             seq_rows = [batch_rows[g] for g in batch.group.tolist()]
-            scored = self.task.score(seq_rows, batch.completion_ids(), tokenizer=self.tokenizer)
+            completion_ids = batch.completion_ids()
+            scored = self.task.score(seq_rows, completion_ids, tokenizer=self.tokenizer)
+            self._check_rewards(scored, reward_errors)
+            if not self.samples:
+                self.samples = self._samples(batch, completion_ids, scored.total)
             total = torch.tensor(scored.total, dtype=torch.float32)
             if algo.overlong_buffer > 0:
                 total = total + rl.overlong_penalty(batch.sampled_lens.cpu(), r.max_new_tokens, algo.overlong_buffer,
@@ -146,7 +159,8 @@ class Trainer:
             kept += int(batch.group[keep.to(batch.device)].unique().numel())
         seconds = time.perf_counter() - start
         metrics = {"rollout_tokens_per_s": sampled / max(seconds, 1e-9), "rollout_seconds": seconds,
-                   "groups_kept": float(kept), "rollout_errors": float(errors)}  # fmt: skip
+                   "groups_kept": float(kept), "rollout_errors": float(errors),
+                   **{f"reward/{name}/errors": float(n) for name, n in reward_errors.items()}}  # fmt: skip
         if not parts:
             return pack_sequences([], [], device=self.device), [], torch.zeros(0), {}, metrics
         return RolloutBatch.cat(parts), rows, torch.cat(rewards), values, metrics
@@ -199,6 +213,35 @@ class Trainer:
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return metrics
 
+    def _check_rewards(self, scored: RewardOutput, counts: dict[str, int]) -> None:
+        """Count each reward's failures; a reward that failed on every sample stops the run (a broken reward
+        function would otherwise train on zeros)."""
+        for name, failed in scored.errors.items():
+            counts[name] = counts.get(name, 0) + failed
+            if failed and failed == len(scored.total):
+                raise RewardFailure(
+                    f"reward {name!r} failed on all {failed} samples of step {self.step + 1} "
+                    f"({scored.error_messages.get(name, 'no message')}); stopping the run: fix the reward function "
+                    "(checkpoints written so far are kept)"
+                )
+
+    def _samples(self, batch: RolloutBatch, completion_ids: list[list[int]], rewards: list[float]) -> list[dict]:
+        """A few sequences of the step, as text, for ``samples.jsonl``."""
+        out = []
+        prompts, finish = batch.prompt_ids(), batch.finish_reasons
+        for i in range(min(SAMPLES_PER_STEP, batch.num_seqs)):
+            out.append({"step": self.step + 1, "group": int(batch.group[i]), "reward": rewards[i],
+                        "finish": finish[i], "prompt": self.tokenizer.decode(prompts[i]),
+                        "completion": self.tokenizer.decode(completion_ids[i])})  # fmt: skip
+        return out
+
+    @property
+    def base_model_name(self) -> str:
+        """What the adapters are trained on: the warm-started checkpoint, the built tiny one, or model.path."""
+        if "warm_start" in self.start_info:
+            return self.start_info["warm_start"]
+        return self.start_info["base_checkpoint"] if self.config.model.path == "tiny" else self.config.model.path
+
     def _reward_metrics(self, batch: RolloutBatch, rewards: torch.Tensor, values: dict[str, list]) -> dict[str, float]:
         if batch.num_seqs == 0:
             return {"reward/mean": 0.0}
@@ -207,7 +250,7 @@ class Trainer:
             applied = [v for v in vals if v is not None]
             if applied:
                 out[f"reward/{name}"] = sum(applied) / len(applied)
-        accuracy = out.get(f"reward/{self.task.accuracy_reward}")
+        accuracy = out.get(f"reward/{accuracy_reward(self.task, values)}")
         if accuracy is not None:
             out["accuracy"] = accuracy
         out["response_length"] = batch.sampled_lens.float().mean().item()

@@ -135,6 +135,8 @@ def micro_batch_loss(
     """Forward + backward of one micro-batch. Returns metric -> (value, counts for its reduction). ``first``: the
     batch's first update (the sampler/trainer mismatch is reported there)."""
     lp, entropy = forward_logprobs(model, mb, temperature)
+    if lp.numel() == 0:  # nothing sampled here (the trainer drops such sequences): no loss, no gradient
+        return {}
     sampler, seq_index = mb.sampled()
     layout = {"seq_index": seq_index, "num_seqs": mb.batch.num_seqs}
     behaviour = lp.detach() if mb.old is None else mb.old  # the policy that sampled, as the trainer computes it

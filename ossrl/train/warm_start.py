@@ -64,6 +64,7 @@ def supervised_warm_start(model: GptOss, tokenizer: Any, task: Any, config: Trai
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10) * (1 - s / settings.steps))
     generator = torch.Generator().manual_seed(config.seed)
     start, loss_value = time.perf_counter(), float("nan")
+    report_every = max(1, min(25, settings.steps // 10))
     model.train()
     for step in range(settings.steps):
         demos = tool_only if step < settings.tool_first_steps else mixed
@@ -81,14 +82,18 @@ def supervised_warm_start(model: GptOss, tokenizer: Any, task: Any, config: Trai
         optimizer.step()
         schedule.step()
         loss_value = total
-        if step % 50 == 0 or step == settings.steps - 1:
-            log.info("warm start step %d/%d: loss %.4f", step + 1, settings.steps, loss_value)
+        if (step + 1) % report_every == 0 or step + 1 == settings.steps:
+            elapsed = time.perf_counter() - start
+            left = elapsed / (step + 1) * (settings.steps - step - 1)
+            log.info("warm start %d/%d: loss %.4f, %.0f s so far, about %.0f s left", step + 1, settings.steps,
+                     loss_value, elapsed, left)  # fmt: skip
     model.eval()
     return {"warmup/loss": loss_value, "warmup/seconds": time.perf_counter() - start}
 
 
 def load_starting_point(config: TrainConfig, task: Any, device: torch.device, dtype: torch.dtype):
     """(model, tokenizer, info): the base checkpoint, after the cached supervised warm start when one is asked for."""
+    log.info("loading %s (%s, %s)", config.model.path, str(dtype).removeprefix("torch."), device)
     base = base_checkpoint(config)
     tokenizer = load_harmony_tokenizer(base)
     info: dict[str, Any] = {"base_checkpoint": str(base)}
@@ -105,6 +110,8 @@ def load_starting_point(config: TrainConfig, task: Any, device: torch.device, dt
         log.info("warm start: reusing %s", cached)
         info.update(json.loads((cached / "warm_start.json").read_text()))
         return GptOss.from_pretrained(cached, dtype=dtype, device=device), tokenizer, info
+    log.info("warm start: %d supervised steps on %s demonstrations, once (a few minutes on a 2-core CPU for the tiny "
+             "recipe); later runs with the same settings reuse %s", config.warmup.steps, task.name, cached)
     torch.manual_seed(config.seed)
     model = GptOss.from_pretrained(base, dtype=dtype, device=device)
     stats = supervised_warm_start(model, tokenizer, task, config)
