@@ -112,13 +112,12 @@ class Trainer:
         )  # fmt: skip
 
     # ---- one step ----------------------------------------------------------------------------------------------
-    def rollout(self) -> tuple[RolloutBatch, list[dict], torch.Tensor, dict[str, list], dict[str, float]]:
-        """Prompts x n samples, scored: (batch, the row of each sequence, total rewards [N], each reward's values,
-        metrics). Requests the engine refused (finish "error") are dropped and counted. With dynamic sampling,
-        groups whose rewards are all equal are replaced by fresh prompts."""
+    def rollout(self) -> tuple[RolloutBatch, torch.Tensor, dict[str, list], dict[str, float]]:
+        """Prompts x n samples, scored: (batch, total rewards [N], each reward's values, metrics). Requests the
+        engine refused (finish "error") are dropped and counted. With dynamic sampling, groups whose rewards are all
+        equal are replaced by fresh prompts."""
         r, algo = self.config.rollout, self.config.algorithm
         parts: list[RolloutBatch] = []
-        rows: list[dict] = []
         rewards: list[torch.Tensor] = []
         values: dict[str, list] = {}
         reward_errors: dict[str, int] = {}
@@ -152,7 +151,6 @@ class Trainer:
                 keep = rl.filter_groups(total, batch.group.cpu())
             index = keep.nonzero().squeeze(1)
             parts.append(batch.select(index))
-            rows.extend(seq_rows[i] for i in index.tolist())
             rewards.append(total[index])
             for name, vals in scored.values.items():
                 values.setdefault(name, []).extend(vals[i] for i in index.tolist())
@@ -162,12 +160,12 @@ class Trainer:
                    "groups_kept": float(kept), "rollout_errors": float(errors),
                    **{f"reward/{name}/errors": float(n) for name, n in reward_errors.items()}}  # fmt: skip
         if not parts:
-            return pack_sequences([], [], device=self.device), [], torch.zeros(0), {}, metrics
-        return RolloutBatch.cat(parts), rows, torch.cat(rewards), values, metrics
+            return pack_sequences([], [], device=self.device), torch.zeros(0), {}, metrics
+        return RolloutBatch.cat(parts), torch.cat(rewards), values, metrics
 
     def train_step(self) -> dict[str, float]:
         cfg, algo = self.config, self.config.algorithm
-        batch, _, rewards, reward_values, metrics = self.rollout()
+        batch, rewards, reward_values, metrics = self.rollout()
         self.engine.release_memory()  # the KV cache's memory is the update's until the next rollout
         metrics.update(self._reward_metrics(batch, rewards, reward_values))
         if batch.num_seqs == 0 or not bool(batch.loss_mask.any()):
