@@ -133,12 +133,12 @@ def run_train(items: list[str]) -> int:
         print(f"ossrl train: {err}", file=sys.stderr)
         return 2
     from ossrl.train.run import run_training
-    from ossrl.train.trainer import RewardFailure
+    from ossrl.train.trainer import NonFiniteParameters, RewardFailure
 
     show_progress_logs()
     try:
         result = run_training(config)
-    except (ValueError, OSError, ImportError, RewardFailure) as err:  # bad paths, models, tasks, data, rewards
+    except (ValueError, OSError, ImportError, RewardFailure, NonFiniteParameters) as err:  # paths, data, rewards
         if os.environ.get("OSSRL_DEBUG"):
             raise
         print(f"ossrl train: {err}  (OSSRL_DEBUG=1 shows the traceback)", file=sys.stderr)

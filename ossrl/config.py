@@ -320,6 +320,8 @@ def validate(config: TrainConfig) -> None:
     check(r.tool_timeout_s > 0, "rollout.tool_timeout_s", "must be > 0")
     check(r.max_tool_tokens >= 1, "rollout.max_tool_tokens", "must be >= 1")
     check(r.max_num_seqs >= 1, "rollout.max_num_seqs", "must be >= 1")
+    check(r.n <= r.max_num_seqs, "rollout.n", f"must be <= rollout.max_num_seqs={r.max_num_seqs} (a prompt's samples "
+          "decode together)")  # fmt: skip
     check(r.kv_cache_tokens is None or r.kv_cache_tokens >= 1, "rollout.kv_cache_tokens", "must be >= 1 (or null)")
     # algorithm
     check(r.n >= 2, "rollout.n", f"must be >= 2: {algo.advantage} advantages compare samples of one prompt "

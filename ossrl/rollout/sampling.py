@@ -9,6 +9,7 @@ only decide which tokens may be drawn). Under greedy decoding (T = 0) it is log_
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,16 @@ class SamplingParams:
     max_tool_tokens: int = 512
 
     def validate(self, vocab_size: int) -> None:
+        for name in ("temperature", "top_p", "min_p", "tool_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"SamplingParams.{name} must be a finite number; got {value!r}")
+        for name in ("top_k", "max_new_tokens", "seed", "max_turns", "max_tool_tokens"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise ValueError(f"SamplingParams.{name} must be an integer; got {getattr(self, name)!r}")
+        if self.tool_timeout_s <= 0 or self.max_tool_tokens < 1:
+            raise ValueError(f"SamplingParams: tool_timeout_s must be > 0 and max_tool_tokens >= 1; got "
+                             f"{self.tool_timeout_s}, {self.max_tool_tokens}")  # fmt: skip
         if self.temperature < 0:
             raise ValueError(f"SamplingParams.temperature must be >= 0; got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -4,16 +4,20 @@ write metrics, samples.jsonl, report.png and summary.json into the run directory
 from __future__ import annotations
 
 import json
+import logging
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from ossrl.config import TrainConfig
 from ossrl.train.metrics import RunLogger
 from ossrl.train.report import write_report, write_summary
-from ossrl.train.state import checkpoint_dirs
+from ossrl.train.state import checkpoint_dirs, verify_checkpoint
 from ossrl.train.trainer import Trainer
 
+log = logging.getLogger(__name__)
+RUN_FILE = "run.json"  # the run's id: checkpoints carry it, so a resume never picks up another run's
 STARTING_POINT_FILE = "starting_point.json"  # the weights the adapters train on: what `ossrl eval --run` loads
 SAMPLES_FILE = "samples.jsonl"  # a few sequences of every step, as text
 
@@ -21,17 +25,16 @@ SAMPLES_FILE = "samples.jsonl"  # a few sequences of every step, as text
 def run_training(config: TrainConfig) -> dict[str, Any]:
     start = time.perf_counter()
     run_dir = Path(config.logging.run_dir)
-    resume_from = None
-    if config.checkpoint.resume:
-        found = checkpoint_dirs(run_dir)
-        if not found:
-            raise FileNotFoundError(f"checkpoint.resume=true but {run_dir / 'checkpoints'} has no checkpoint")
-        resume_from = found[-1]
+    notes: list[str] = []  # what happened to earlier files, for events.log once the logger is up
+    run_id = _claim_run_dir(run_dir, config.checkpoint.resume, notes)
+    resume_from = _last_good_checkpoint(run_dir, run_id, notes) if config.checkpoint.resume else None
     trainer = Trainer(config)
     logger = RunLogger(run_dir, report_to=config.logging.report_to, config=config.to_dict(), total_steps=config.steps,
                        show_progress=config.logging.progress, resume=resume_from is not None)  # fmt: skip
     with logger:
-        logger.log_event(f"starting point: {trainer.start_info}")
+        for note in notes:
+            logger.log_event(note)
+        logger.log_event(f"run {run_id}; starting point: {trainer.start_info}")
         start_file = {"base_model": trainer.base_model_name, **trainer.start_info}
         (run_dir / STARTING_POINT_FILE).write_text(json.dumps(start_file, indent=2))
         eval_file = run_dir / "eval_before.json"
@@ -42,6 +45,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
             logger.log_event(f"resumed from {resume_from} at step {trainer.step}")
             eval_before = json.loads(eval_file.read_text()) if eval_file.exists() else None
         else:
+            (run_dir / SAMPLES_FILE).unlink(missing_ok=True)
             eval_before = trainer.evaluate()
             eval_file.write_text(json.dumps(eval_before, indent=2))
             logger.log_event(f"eval before: accuracy {eval_before['accuracy']:.3f} on {eval_before['rows']} rows")
@@ -57,10 +61,10 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
                 metrics["eval/accuracy"] = trainer.evaluate()["accuracy"]
             logger.log(trainer.step, metrics)
             if every and trainer.step % every == 0:
-                trainer.save(run_dir / "checkpoints" / f"checkpoint-{trainer.step:06d}")
+                trainer.save(run_dir / "checkpoints" / f"checkpoint-{trainer.step:06d}", run_id)
         final = run_dir / "checkpoints" / f"checkpoint-{trainer.step:06d}"
-        if not (final / "trainer_state.pt").exists():
-            trainer.save(final)
+        if final not in checkpoint_dirs(run_dir) or verify_checkpoint(final, run_id) is not None:
+            trainer.save(final, run_id)  # the final adapter is always written
         eval_after = trainer.evaluate()
         logger.log_event(f"eval after: accuracy {eval_after['accuracy']:.3f} on {eval_after['rows']} rows")
     wall = time.perf_counter() - start
@@ -70,6 +74,52 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     report = write_report(run_dir, title=f"ossrl {config.task.name}")
     return {"summary": str(summary_path), "report": str(report), "eval_before": eval_before,
             "eval_after": eval_after, "wall_time_s": wall, "adapter": str(final)}  # fmt: skip
+
+
+def _claim_run_dir(run_dir: Path, resume: bool, notes: list[str]) -> str:
+    """The run id of ``run_dir``: a resume continues the directory's run; a fresh run first moves an earlier run's
+    files aside (``RUN_DIR.old-TIMESTAMP``, said in events.log) so it never resumes from or reports them."""
+    run_file = run_dir / RUN_FILE
+    if resume:
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"checkpoint.resume=true but {run_dir} does not exist")
+        if run_file.is_file():
+            return json.loads(run_file.read_text())["run_id"]
+        run_id = uuid.uuid4().hex[:12]  # a directory from before run ids: it becomes this run's
+    else:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            archive = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            n = 1
+            while archive.exists():
+                archive, n = archive.with_name(f"{archive.name.split('~')[0]}~{n}"), n + 1
+            run_dir.rename(archive)
+            notes.append(f"{run_dir} held an earlier run: moved it to {archive}")
+            log.warning("%s held an earlier run: moved it to %s", run_dir, archive)
+        run_id = uuid.uuid4().hex[:12]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps({"run_id": run_id, "created": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    return run_id
+
+
+def _last_good_checkpoint(run_dir: Path, run_id: str, notes: list[str]) -> Path | None:
+    """The newest checkpoint of this run whose files match their checksums; the ones skipped are said. None (and a
+    fresh start in the same directory) when there is none."""
+    partial = sorted((run_dir / "checkpoints").glob("*.partial"))
+    skipped = [f"{p.name} (interrupted while it was written)" for p in partial]
+    found = None
+    for candidate in reversed(checkpoint_dirs(run_dir)):
+        problem = verify_checkpoint(candidate, run_id)
+        if problem is None:
+            found = candidate
+            break
+        skipped.append(f"{candidate.name} ({problem})")
+    for item in skipped:
+        notes.append(f"resume: skipped checkpoint {item}")
+        log.warning("resume: skipped checkpoint %s", item)
+    if found is None:
+        notes.append("resume: no complete checkpoint; starting from step 0")
+        log.warning("resume: no complete checkpoint in %s; starting from step 0", run_dir / "checkpoints")
+    return found
 
 
 def _truncate_samples(path: Path, step: int) -> None:

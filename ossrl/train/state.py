@@ -1,10 +1,14 @@
 """Training checkpoints: the LoRA adapter in PEFT's format (or full weights without LoRA) plus everything needed to
-continue exactly: optimizer, scheduler, RNG states, data position and step."""
+continue exactly: optimizer, scheduler, RNG states, data position and step. Written atomically (a ``.partial``
+directory renamed into place) with a checksum of every file, which a resume checks."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import re
+import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,32 +32,91 @@ class Trainable(Protocol):
 
 
 STATE_FILE = "trainer_state.pt"
+CHECKSUMS_FILE = "checksums.json"  # sha256 of every other file: written last, checked on resume
+_NAME = re.compile(r"checkpoint-\d+")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only directory); the last good one is intact."""
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Checkpoints of a run, oldest first (``checkpoint-000010``)."""
-    return sorted(p for p in (run_dir / "checkpoints").glob("checkpoint-*") if (p / STATE_FILE).exists())
+    """Complete checkpoints of a run, oldest first (``checkpoint-000010``): renamed into place, with checksums.
+    Whether their files are intact is ``verify_checkpoint``'s to say."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _NAME.fullmatch(p.name) and (p / CHECKSUMS_FILE).is_file()]
+    return sorted(found)
 
 
-def save_training_state(trainer: Trainable, directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    if trainer.config.lora.enabled:
-        save_peft_adapter(trainer.model, directory / "adapter", base_model_name_or_path=trainer.base_model_name)
-    else:
-        trainer.model.save_pretrained(directory / "model")
-    state = {
-        "step": trainer.step,
-        "position": trainer.position,
-        "optimizer": trainer.optimizer.state_dict(),
-        "scheduler": trainer.scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "python_rng": random.getstate(),
-    }
-    tmp = directory / (STATE_FILE + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(directory / STATE_FILE)  # a checkpoint is complete only once its state file exists
-    (directory / "config.json").write_text(json.dumps(trainer.config.to_dict(), indent=2))
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checksums(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): _sha256(p) for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != CHECKSUMS_FILE}  # fmt: skip
+
+
+def verify_checkpoint(directory: Path, run_id: str | None = None) -> str | None:
+    """Why ``directory`` cannot be resumed from (None: it can): a missing or changed file, or another run's."""
+    try:
+        expected = json.loads((directory / CHECKSUMS_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        return f"unreadable {CHECKSUMS_FILE} ({err})"
+    if run_id is not None and expected.get("run_id") not in (None, run_id):
+        return f"written by another run ({expected.get('run_id')}, this run is {run_id})"
+    files = expected.get("files", {})
+    if STATE_FILE not in files:
+        return f"no {STATE_FILE}"
+    for name, digest in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != digest:
+            return f"{name} does not match its checksum (truncated or changed)"
+    return None
+
+
+def save_training_state(trainer: Trainable, directory: Path, run_id: str | None = None) -> Path:
+    """Write a checkpoint atomically: everything goes to ``NAME.partial``, checksums last, then one rename. A
+    failure (disk full, read-only) removes the partial directory and raises ``CheckpointWriteError``; earlier
+    checkpoints are never touched."""
+    partial = directory.with_name(directory.name + ".partial")
+    try:
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        if trainer.config.lora.enabled:
+            save_peft_adapter(trainer.model, partial / "adapter", base_model_name_or_path=trainer.base_model_name)
+        else:
+            trainer.model.save_pretrained(partial / "model")
+        state = {
+            "step": trainer.step,
+            "position": trainer.position,
+            "run_id": run_id,
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "python_rng": random.getstate(),
+        }
+        torch.save(state, partial / STATE_FILE)
+        (partial / "config.json").write_text(json.dumps(trainer.config.to_dict(), indent=2))
+        (partial / CHECKSUMS_FILE).write_text(json.dumps({"run_id": run_id, "files": _checksums(partial)}, indent=1))
+        if directory.exists():  # the same step saved again (the final checkpoint): the new one replaces it
+            shutil.rmtree(directory)
+        partial.rename(directory)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(partial, ignore_errors=True)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        raise CheckpointWriteError(f"cannot write checkpoint {directory}: {reason}; the earlier checkpoints are "
+                                   "intact") from err  # fmt: skip
     return directory
 
 

@@ -34,6 +34,10 @@ class RewardFailure(RuntimeError):
     """A reward function failed on every sample of a step."""
 
 
+class NonFiniteParameters(RuntimeError):
+    """An optimizer step produced a NaN or infinite parameter."""
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -198,6 +202,7 @@ class Trainer:
                 metrics["skipped"] = 1.0  # non-finite loss or gradient: no update, the run goes on
                 break
             self.optimizer.step()
+            self._check_parameters()
         self.scheduler.step()
         self.model.eval()
         self.engine.update_weights()  # the engine runs this very model: the boundary, with nothing to copy
@@ -210,6 +215,15 @@ class Trainer:
         if torch.cuda.is_available():
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return metrics
+
+    def _check_parameters(self) -> None:
+        """Stop the run when an update left a non-finite parameter: every later step would be garbage, and the
+        last good checkpoint must stay the last one."""
+        if not bool(torch.stack([p.detach().isfinite().all() for p in self.params]).all()):
+            raise NonFiniteParameters(
+                f"an update at step {self.step + 1} left non-finite parameters (lr {self.scheduler.get_last_lr()[0]:g}"
+                f", max_grad_norm {self.config.optim.max_grad_norm:g}); stopping the run, the last checkpoint is kept"
+            )
 
     def _check_rewards(self, scored: RewardOutput, counts: dict[str, int]) -> None:
         """Count each reward's failures; a reward that failed on every sample stops the run (a broken reward
@@ -262,8 +276,8 @@ class Trainer:
         return evaluate(self.model, self.tokenizer, self.task, split=split, limit=self.config.task.eval_limit,
                         sampling=self.sampling(0, eval_mode=True), engine=self.engine)  # fmt: skip
 
-    def save(self, directory: Path) -> None:
-        save_training_state(self, directory)
+    def save(self, directory: Path, run_id: str | None = None) -> None:
+        save_training_state(self, directory, run_id)
 
     def resume_from(self, directory: Path) -> None:
         load_training_state(self, directory)

@@ -14,7 +14,7 @@ import torch
 
 from ossrl.config import TrainConfig
 from ossrl.harmony import load_harmony_tokenizer
-from ossrl.model import GptOss
+from ossrl.model import GptOss, GptOssConfig
 from ossrl.model.checkpoint import resolve_checkpoint_dir
 from ossrl.model.tiny import TINY_VERSION, write_tiny_checkpoint
 from ossrl.rollout.batch import RolloutBatch
@@ -38,6 +38,23 @@ def base_checkpoint(config: TrainConfig) -> Path:
     if not (cache / "config.json").exists():
         write_tiny_checkpoint(cache, seed=config.seed)
     return cache
+
+
+def check_against_model(config: TrainConfig, model: GptOssConfig) -> None:
+    """What the run's settings must respect of the model, checked from its config.json before any weight loads:
+    the LoRA rank below the smallest side of every adapted matrix, and a rollout that fits the context."""
+    h, i, d = model.hidden_size, model.intermediate_size, model.head_dim
+    sides = {"q_proj": (h, model.num_attention_heads * d), "k_proj": (h, model.num_key_value_heads * d),
+             "v_proj": (h, model.num_key_value_heads * d), "o_proj": (model.num_attention_heads * d, h),
+             "gate_up_proj": (h, 2 * i), "down_proj": (i, h), "router": (h, model.num_local_experts)}  # fmt: skip
+    if config.lora.enabled:
+        limit = min(min(sides[t]) for t in config.lora.targets)
+        if config.lora.r > limit:
+            raise ValueError(f"lora.r={config.lora.r} is larger than the smallest adapted matrix side ({limit}) of "
+                             f"{config.model.path}; a rank above it adds parameters and nothing else")  # fmt: skip
+    if config.rollout.max_new_tokens >= model.max_position_embeddings:
+        raise ValueError(f"rollout.max_new_tokens={config.rollout.max_new_tokens} does not fit the model's context "
+                         f"({model.max_position_embeddings} tokens)")  # fmt: skip
 
 
 def sampled_logprobs(model: GptOss, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +112,7 @@ def load_starting_point(config: TrainConfig, task: Any, device: torch.device, dt
     """(model, tokenizer, info): the base checkpoint, after the cached supervised warm start when one is asked for."""
     log.info("loading %s (%s, %s)", config.model.path, str(dtype).removeprefix("torch."), device)
     base = base_checkpoint(config)
+    check_against_model(config, GptOssConfig.from_json(base / "config.json"))
     tokenizer = load_harmony_tokenizer(base)
     info: dict[str, Any] = {"base_checkpoint": str(base)}
     if config.warmup.steps <= 0:
