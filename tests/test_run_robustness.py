@@ -150,3 +150,18 @@ def test_sampling_params_reject_non_finite_values(tiny, bad):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="SamplingParams"):
         Engine(model, tokenizer, kv_cache_tokens=256).generate([Request([1, 2, 3])], SamplingParams(**bad))
+
+
+def test_a_bad_byte_or_line_in_a_dataset_names_the_file_and_the_line(tmp_path):
+    from ossrl.tasks.data import BadRow, read_local
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"question": "q", "answer": "#### 1"}\n{"question": "caf\xe9"}\n{bad json\n')
+    rows = read_local(path)
+    assert rows[0] == {"question": "q", "answer": "#### 1"}
+    assert isinstance(rows[1], BadRow) and str(rows[1]) == "not valid UTF-8 (byte 0xe9, column 18) at line 2"
+    assert isinstance(rows[2], BadRow) and str(rows[2]).startswith("invalid JSON (") and "at line 3" in str(rows[2])
+    broken = tmp_path / "d.json"
+    broken.write_text('[{"a": 1},\n {"a": }]')
+    with pytest.raises(ValueError, match=rf"{broken} line 2: invalid JSON"):
+        read_local(broken)

@@ -29,24 +29,36 @@ def is_local(path: str | Path) -> bool:
 def read_local(path: str | Path) -> list[Any]:
     """Rows of a local .jsonl (one JSON object a line), .json (a list of objects) or .parquet file.
 
-    A jsonl line that is not valid JSON becomes a :class:`BadRow` entry, so it is skipped and counted like any
-    other bad row instead of failing the whole load."""
+    A jsonl line that is not valid UTF-8 or not valid JSON becomes a :class:`BadRow` entry naming its line (the
+    warning of :func:`clean_rows` names the file), so it is skipped and counted like any other bad row instead of
+    failing the whole load."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"dataset file {str(p)!r} does not exist (working directory: {Path.cwd()})")
     if p.suffix == ".jsonl":
         rows: list[Any] = []
-        with p.open(encoding="utf-8") as f:
-            for line in f:
+        with p.open("rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    rows.append(BadRow(f"not valid UTF-8 (byte {raw[e.start]:#04x}, column {e.start + 1}) at line "
+                                       f"{number}"))  # fmt: skip
+                    continue
                 if not line.strip():
                     continue
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    rows.append(BadRow(f"invalid JSON ({e.msg})"))
+                    rows.append(BadRow(f"invalid JSON ({e.msg}, column {e.colno}) at line {number}"))
         return rows
     if p.suffix == ".json":
-        data = json.loads(p.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{p}: not valid UTF-8 (byte offset {e.start})") from e
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p} line {e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from e
         if not isinstance(data, list):
             raise ValueError(f"{p}: a .json dataset must be a list of objects, got {type(data).__name__}")
         return data
