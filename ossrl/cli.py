@@ -65,6 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--list", action="store_true", help="list the benchmarks (also: no NAME)")
     be.add_argument("name", nargs="?", help="benchmark name, e.g. rollout")
     be.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark script")
+
+    ex = sub.add_parser("export", help="merge a LoRA adapter into its base, write an HF checkpoint (dense or MXFP4)",
+                        description="Write --model with --adapter merged (W + alpha/r * B @ A, in fp32) as an HF "
+                        "gpt-oss checkpoint (transformers' names, tokenizer and chat template copied), streamed one "
+                        "tensor and one shard at a time. --mxfp4 re-quantizes the experts as gpt-oss ships "
+                        "them.")  # fmt: skip
+    ex.add_argument("--model", required=True, help="base checkpoint: HF-format directory or Hub id")
+    ex.add_argument("--adapter", default=None, help="LoRA adapter directory in PEFT's format (optional)")
+    ex.add_argument("--out", required=True, help="directory to write the merged checkpoint into (new or empty)")
+    ex.add_argument("--mxfp4", action="store_true", help="store the expert weights in MXFP4, as gpt-oss ships")
+    ex.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the base's)")
+    ex.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MiB (default 5GB)")
+    ex.add_argument("--overwrite", action="store_true", help="replace the checkpoint files in a non-empty --out")
+    ex.add_argument("--device", default=None, help="where merging and MXFP4 quantization run (default: cuda if "
+                    "available, else cpu)")  # fmt: skip
     return parser
 
 
@@ -318,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.command == "bench":
         return run_bench(args)
+    if args.command == "export":
+        from ossrl.model.export import run_export
+
+        show_progress_logs()
+        return run_export(args)
     parser.error(f"unknown command {args.command!r}")
     return 2
 

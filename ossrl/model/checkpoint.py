@@ -7,6 +7,7 @@ the model (``gpt_oss`` imports it: no cycle)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -25,6 +26,12 @@ SINGLE_FILE = "model.safetensors"
 MXFP4_SUFFIXES = ("_blocks", "_scales")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
 HUB_IGNORE = ["original/*", "metal/*"]
+# config.json's quantization_config of an MXFP4 checkpoint, as openai/gpt-oss-20b and -120b ship it
+MXFP4_QUANTIZATION_CONFIG = {
+    "quant_method": "mxfp4",
+    "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                               "lm_head"],
+}  # fmt: skip
 
 
 def keeps_fp32(name: str) -> bool:
@@ -182,11 +189,7 @@ def write_checkpoint(
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     if mxfp4:
-        config["quantization_config"] = {
-            "quant_method": "mxfp4",
-            "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
-                                       "lm_head"],
-        }  # fmt: skip
+        config["quantization_config"] = copy.deepcopy(MXFP4_QUANTIZATION_CONFIG)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     tensors = checkpoint_tensors(model, mxfp4)
     shards: list[dict[str, torch.Tensor]] = [{}]
