@@ -165,3 +165,14 @@ def test_a_bad_byte_or_line_in_a_dataset_names_the_file_and_the_line(tmp_path):
     broken.write_text('[{"a": 1},\n {"a": }]')
     with pytest.raises(ValueError, match=rf"{broken} line 2: invalid JSON"):
         read_local(broken)
+
+
+def test_a_truncated_checkpoint_shard_is_named(tmp_path):
+    from ossrl.model import GptOss
+    from ossrl.model.tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "tiny")
+    shard = path / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"{shard}: cannot read this safetensors file .* truncated or corrupt"):
+        GptOss.from_pretrained(path, dtype=torch.float32)

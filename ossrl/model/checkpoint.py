@@ -7,13 +7,15 @@ the model (``gpt_oss`` imports it: no cycle)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -65,9 +67,19 @@ def weight_files(directory: Path) -> dict[str, Path]:
         return {name: directory / f for name, f in weight_map.items()}
     single = directory / SINGLE_FILE
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
+        with _reading(single), safe_open(single, framework="pt") as f:
             return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     raise FileNotFoundError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+@contextlib.contextmanager
+def _reading(file: Path) -> Iterator[None]:
+    """Errors of safetensors itself (a truncated or corrupt shard) become one ValueError that names the file."""
+    try:
+        yield
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{file}: cannot read this safetensors file ({err}); it is truncated or corrupt: copy or "
+                         "download it again") from err  # fmt: skip
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor | nn.Module) -> None:
@@ -110,7 +122,7 @@ def load_weights(
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
     for file, names in sorted(by_file.items()):
-        with safe_open(file, framework="pt", device=str(device)) as f:
+        with _reading(file), safe_open(file, framework="pt", device=str(device)) as f:
             for name in names:
                 if name not in expected:
                     unexpected.append(name)
