@@ -1,12 +1,23 @@
-"""Tasks: datasets, prompts, reward functions and tools (gsm8k, retool, ifeval, matmul, arithmetic).
+"""Tasks: datasets, prompts, reward functions and tools (gsm8k, retool, ifeval, matmul, arithmetic, and dataset:
+your own data with TRL-style reward functions).
 
 from ossrl.tasks import get_task, list_tasks
 task = get_task("gsm8k", path="../shared/data/gsm8k/train.jsonl")
 """
 
-from ossrl.tasks import arithmetic, gsm8k, ifeval, matmul, retool  # noqa: F401 (registers the tasks)
-from ossrl.tasks.base import Prompt, Task, ToolSpec, get_task, list_tasks, register_task, task_options
+from ossrl.tasks import arithmetic, dataset, gsm8k, ifeval, matmul, retool  # noqa: F401 (registers the tasks)
+from ossrl.tasks.base import (
+    Prompt,
+    Task,
+    ToolSpec,
+    get_task,
+    list_tasks,
+    register_task,
+    task_options,
+    unregister_task,
+)
 from ossrl.tasks.data import BadRow, clean_rows, read_local
+from ossrl.tasks.dataset import DatasetTask, load_function, tool_from_function
 from ossrl.tasks.episode import parse_episode, render_episode
 from ossrl.tasks.math_answer import answers_match, check_answer, extract_answer
 from ossrl.tasks.rewards import (
@@ -22,6 +33,7 @@ from ossrl.tasks.rewards import (
 
 __all__ = [
     "BadRow",
+    "DatasetTask",
     "Prompt",
     "Reward",
     "RewardFn",
@@ -37,6 +49,7 @@ __all__ = [
     "final_text",
     "get_task",
     "list_tasks",
+    "load_function",
     "parse_episode",
     "per_sample",
     "read_local",
@@ -44,4 +57,6 @@ __all__ = [
     "render_episode",
     "task_options",
     "tool_calls",
+    "tool_from_function",
+    "unregister_task",
 ]

@@ -276,6 +276,11 @@ def register_task(cls: type[Task]) -> type[Task]:
     return cls
 
 
+def unregister_task(name: str) -> None:
+    """Forget the task ``name`` (one registered for a single run, e.g. by ``ossrl.GRPOTrainer``); no-op if unknown."""
+    _TASKS.pop(name, None)
+
+
 def list_tasks() -> list[str]:
     return sorted(_TASKS)
 
