@@ -281,8 +281,11 @@ def _forget_other_tasks_settings(data: dict[str, Any], recipe_task: str | None, 
     if task is None or recipe_task is None or "task.name" not in keys or task.get("name") == recipe_task:
         return
     dropped = []
-    if "options" in task and not any(k.startswith("task.options") for k in keys):
-        task.pop("options")
+    if "options" in task and "task.options" not in keys:  # task.options=... already replaced them whole
+        given = {k.removeprefix("task.options.").split(".")[0] for k in keys if k.startswith("task.options.")}
+        options = task.pop("options") or {}
+        if given and isinstance(options, dict):
+            task["options"] = {k: v for k, v in options.items() if k in given}
         dropped.append("task.options")
     if "warmup" in data and not any(k.startswith("warmup") for k in keys):
         data.pop("warmup")

@@ -47,6 +47,15 @@ def test_a_fresh_run_moves_an_earlier_run_aside_and_never_reports_its_adapter(tm
     assert summary["extra"]["final_checkpoint"].endswith("checkpoint-000001")
 
 
+def test_a_run_that_cannot_start_leaves_the_earlier_run_in_place(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert train(run_dir, "steps=1") == 0
+    first = run_id(run_dir)
+    assert train(run_dir, "task.name=dataset", "task.options={path: missing.jsonl, rewards: [nowhere:fn]}") == 1
+    assert "ossrl train:" in capsys.readouterr().err
+    assert run_id(run_dir) == first and not [p for p in tmp_path.iterdir() if ".old-" in p.name]
+
+
 def test_checkpoints_are_atomic_checksummed_and_a_resume_skips_bad_ones(tmp_path):
     run_dir = tmp_path / "run"
     assert train(run_dir) == 0

@@ -78,6 +78,8 @@ def test_switching_the_task_drops_the_recipes_task_settings():
     assert config.task.options == {} and config.warmup.steps == 0  # max_digits and the arithmetic warm start go
     kept = load_config(None, ["task.name=gsm8k", "task.options={path: data.jsonl}", "warmup.steps=500"], base=TINY_CPU)
     assert kept.task.options == {"path": "data.jsonl"} and kept.warmup.steps == 500
+    dotted = load_config(None, ["task.name=gsm8k", "task.options.path=data.jsonl"], base=TINY_CPU)
+    assert dotted.task.options == {"path": "data.jsonl"}  # the recipe's max_digits does not tag along
     same = load_config(None, ["task.name=arithmetic"], base=TINY_CPU)
     assert same.task.options == TINY_CPU["task"]["options"]
 

@@ -11,7 +11,7 @@ from ossrl.tasks.base import _TASKS
 
 
 def test_all_tasks_are_registered():
-    assert list_tasks() == ["arithmetic", "gsm8k", "ifeval", "matmul", "retool"]
+    assert list_tasks() == ["arithmetic", "dataset", "gsm8k", "ifeval", "matmul", "retool"]
 
 
 def test_unknown_task_suggests_a_name():

@@ -25,10 +25,10 @@ SAMPLES_FILE = "samples.jsonl"  # a few sequences of every step, as text
 def run_training(config: TrainConfig) -> dict[str, Any]:
     start = time.perf_counter()
     run_dir = Path(config.logging.run_dir)
+    trainer = Trainer(config)  # first: a bad task, reward or model fails before an earlier run is touched
     notes: list[str] = []  # what happened to earlier files, for events.log once the logger is up
     run_id = _claim_run_dir(run_dir, config.checkpoint.resume, notes)
     resume_from = _last_good_checkpoint(run_dir, run_id, notes) if config.checkpoint.resume else None
-    trainer = Trainer(config)
     logger = RunLogger(run_dir, report_to=config.logging.report_to, config=config.to_dict(), total_steps=config.steps,
                        show_progress=config.logging.progress, resume=resume_from is not None)  # fmt: skip
     with logger:
