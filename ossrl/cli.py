@@ -80,6 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="replace the checkpoint files in a non-empty --out")
     ex.add_argument("--device", default=None, help="where merging and MXFP4 quantization run (default: cuda if "
                     "available, else cpu)")  # fmt: skip
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions) on the rollout engine",
+                        description="Serve --model (+ --adapter) over HTTP with OpenAI's API: /v1/models, "
+                        "/v1/chat/completions (Harmony rendering, tool calls returned to the client, "
+                        "reasoning_content, streaming) and /v1/completions. Concurrent requests share decode steps "
+                        "(continuous batching).")  # fmt: skip
+    add_model_arguments(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model as given)")
+    sv.add_argument("--max-queue", type=int, default=256,
+                    help="requests waiting for the engine before new ones get HTTP 429")  # fmt: skip
+    sv.add_argument("--max-tokens", type=int, default=4096,
+                    help="completion tokens of a request that sets no max_tokens (capped by the context)")  # fmt: skip
+    sv.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default="medium",
+                    help="when a request sets none")  # fmt: skip
+    sv.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one decode step")
+    sv.add_argument("--kv-cache-tokens", type=int, default=None,
+                    help="KV cache size in tokens (default: 90%% of free GPU memory; 65536 on CPU)")  # fmt: skip
+    sv.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     return parser
 
 
@@ -338,6 +358,16 @@ def main(argv: list[str] | None = None) -> int:
 
         show_progress_logs()
         return run_export(args)
+    if args.command == "serve":
+        from ossrl.serve import serve_from_args
+
+        show_progress_logs()
+        try:
+            model, tokenizer = load_model(apply_run(args))
+        except (ValueError, FileNotFoundError) as err:  # bad paths, adapters: one line, exit code 2
+            print(f"ossrl serve: {err}", file=sys.stderr)
+            return 2
+        return serve_from_args(args, model, tokenizer)
     parser.error(f"unknown command {args.command!r}")
     return 2
 

@@ -12,6 +12,11 @@ cache tensors stay allocated between rollouts until ``release_memory`` (the trai
 and the next rollout allocates the same layout again. Decode graphs (``cuda_graphs`` / ``torch_compile``) live as
 long as the layout. Sampler log-probs stay on the device: each step's tensor is kept and a sequence records where
 its tokens' log-probs are; the ``RolloutBatch`` gathers them with one ``cat`` and one index at the end.
+
+The same scheduler also runs step by step (``Engine.stream()`` -> :class:`EngineStream`, what the HTTP server
+drives): requests, each with its own ``SamplingParams``, join at any step, their tokens go to a listener as they are
+sampled, and a request can be cancelled. Rows of one forward with different sampling params are sampled in groups;
+a rollout has one group, so its path is the single ``sample_tokens`` call it always was.
 """
 
 from __future__ import annotations
@@ -20,20 +25,20 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 
 from ossrl.model.gpt_oss import GptOss, PackedBatch
 from ossrl.rollout.batch import ERROR, FINISH_REASONS, Completion, RolloutBatch
-from ossrl.rollout.graphs import DecodeGraphs
+from ossrl.rollout.graphs import DecodeGraphs, sampling_key
 from ossrl.rollout.kv_cache import CacheStep, PagedKVCache, sliding_pages_per_sequence, to_device
 from ossrl.rollout.sampling import SamplingParams, sample_tokens
 from ossrl.rollout.sequence import RunningSequence
 from ossrl.rollout.tools import ToolRunner, Tools
 
-__all__ = ["FINISH_REASONS", "Completion", "Engine", "Request"]
+__all__ = ["FINISH_REASONS", "Completion", "Engine", "EngineStream", "Request"]
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +53,33 @@ class Request:
     n: int = 1
 
 
+Listener = Callable[[int, int | None, str | None], None]  # (sample, sampled token or None, finish or None)
+
+
+@dataclass
+class _Job:
+    """One request in the scheduler, with its own sampling params and stop tokens (a rollout's jobs share theirs;
+    a stream's each bring their own)."""
+
+    request: Request
+    sampling: SamplingParams
+    stop_ids: frozenset[int]
+    reserve: int  # tokens a sequence may add to its prompt (sampled and appended)
+    seed_key: int  # mixed into each sample's seed with the sampling seed (a rollout: the request's index)
+    results: list[RunningSequence | None]
+    listener: Listener | None = None  # a stream's: told of every sampled token and of each sample's finish
+    live: int = 0  # samples admitted and not finished
+
+
 @dataclass
 class _Rollout:
-    """One rollout call's state."""
+    """The scheduler's state: one rollout call's, or a stream's for as long as it is open."""
 
-    sampling: SamplingParams
-    stop_ids: set[int]
     runner: ToolRunner | None
-    reserve: int  # tokens a sequence may add to its prompt (sampled and appended)
-    results: list[list[RunningSequence | None]]
+    jobs: dict[int, _Job] = field(default_factory=dict)  # request id -> job
+    queue: deque[int] = field(default_factory=deque)  # request ids waiting for admission, in order
+    sampling: SamplingParams | None = None  # a rollout's one SamplingParams (what decode graphs bake in)
+    keep_logprobs: bool = True  # a stream keeps nothing once a request is done (it could run for days)
     errors: dict[int, str] = field(default_factory=dict)  # request -> why it cannot run
     width: int = 0  # page-table width of the fixed-buffer decode step (0: no decode graphs)
     running: list[RunningSequence] = field(default_factory=list)
@@ -67,7 +90,8 @@ class _Rollout:
     def record(self, logprobs: torch.Tensor) -> int:
         """Keep one step's log-probs; returns the flat index of its first row."""
         first = self.num_logprobs
-        self.logprobs.append(logprobs)
+        if self.keep_logprobs:
+            self.logprobs.append(logprobs)
         self.num_logprobs += logprobs.shape[0]
         return first
 
@@ -87,7 +111,8 @@ class Engine:
 
     ``stats``: ``rollouts`` (calls), ``cache_layouts`` (layouts decided: 1 unless a rollout needed a re-layout),
     ``cache_allocations`` (times the cache tensors were allocated: once, plus once after each ``release_memory``),
-    ``graph_captures`` (CUDA graphs captured, recaptures included).
+    ``graph_captures`` (CUDA graphs captured, recaptures included). ``stream()`` runs the scheduler one step at a
+    time instead of one rollout to completion (a server's continuous batching).
     """
 
     def __init__(
@@ -123,6 +148,7 @@ class Engine:
         self._cache: PagedKVCache | None = None
         self._layout_seqs = 0  # sequences the sliding-window pool of the current layout holds
         self._graphs: DecodeGraphs | None = None
+        self._stream: EngineStream | None = None
         if tokenizer is not None:
             from ossrl.harmony import HarmonyTokens
 
@@ -154,11 +180,21 @@ class Engine:
         """``rollout`` as Python lists: per request, its ``n`` completions (an error request: one or ``n``)."""
         return self.rollout(requests, sampling, tools).completions()
 
+    def stream(self) -> EngineStream:
+        """The scheduler run step by step (a server's continuous batching; see :class:`EngineStream`). One stream at a
+        time, and no ``rollout`` while it is open: they share the KV cache."""
+        if self._stream is not None:
+            raise RuntimeError("rollout engine: a stream is already open on this engine")
+        self._stream = EngineStream(self)
+        return self._stream
+
     def release_memory(self, graphs: bool = False) -> None:
         """Free the KV cache's tensors (and return cached blocks to CUDA), e.g. while the trainer updates the
         weights. The layout is kept: the next rollout allocates the same cache again. Decode graphs are kept too
         (``graphs=True`` drops them and their memory pool); one whose cache came back at another address is captured
         again before it is replayed."""
+        if self._stream is not None:
+            raise RuntimeError("rollout engine: release_memory with a stream open (close the stream first)")
         if self._cache is not None:
             self._cache.free()
         if graphs:
@@ -198,9 +234,12 @@ class Engine:
     # ---- one rollout -------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def _run(self, requests: list[Request], sampling: SamplingParams, tools: Tools | None) -> _Rollout:
+        if self._stream is not None:
+            raise RuntimeError("rollout engine: a stream is open on this engine (close it before a rollout)")
         vocab = self.model.config.vocab_size
         sampling.validate(vocab)
-        stop_ids = set(sampling.stop_token_ids if sampling.stop_token_ids is not None else self.default_stop_ids())
+        stop_ids = frozenset(sampling.stop_token_ids if sampling.stop_token_ids is not None
+                             else self.default_stop_ids())  # fmt: skip
         if tools and self.harmony is None:
             raise ValueError("tool calls need the Engine's tokenizer (Engine(model, tokenizer))")
         self.stats["rollouts"] += 1
@@ -209,43 +248,49 @@ class Engine:
         cache = self._ready_cache(requests, reserve)
         cache.reset()  # every page free: nothing of an earlier (perhaps interrupted) rollout survives
         runner = ToolRunner(tools or {}, self.tokenizer, sampling) if tools else None
-        state = _Rollout(sampling, stop_ids, runner, reserve, [[None] * r.n for r in requests])
-        queue: deque[int] = deque()
+        state = _Rollout(runner, sampling=sampling)
         for i, request in enumerate(requests):
+            state.jobs[i] = _Job(request, sampling, stop_ids, reserve, seed_key=i, results=[None] * request.n)
             problem = self._check_request(request, vocab, reserve, cache)
             if problem:
                 state.errors[i] = problem
             else:
-                queue.append(i)
+                state.queue.append(i)
         graphs = None
-        if (self.cuda_graphs or self.compile_backend) and queue:  # both run the fixed-buffer decode step
-            longest = max(min(len(requests[i].prompt_ids) + reserve, self.max_model_len) for i in queue)
+        if (self.cuda_graphs or self.compile_backend) and state.queue:  # both run the fixed-buffer decode step
+            longest = max(min(len(requests[i].prompt_ids) + reserve, self.max_model_len) for i in state.queue)
             state.width = self._table_width(longest)
             graphs = self._decode_graphs(cache)
             graphs.begin()
         try:
-            while queue or state.running or state.waiting:
-                admitted = self._admit(queue, requests, state)
-                if not admitted and queue and not state.running and not state.waiting:  # checked up front
-                    raise RuntimeError(f"rollout engine: request {queue[0]} can never be admitted")
-                if admitted:
-                    self._prefill(admitted, state)
-                if runner is not None:
-                    for seq in runner.collect(state.waiting, block=not state.running and not queue):
-                        if seq.length > seq.max_len:  # a tool result longer than its budget
-                            self._finish(seq, "length", state)
-                        else:
-                            state.running.append(seq)
-                decoding = [s for s in state.running if s.pending]
-                if decoding:
-                    self._step(decoding, state)
-                elif not queue and not state.waiting and state.running:
-                    raise RuntimeError("rollout engine: running sequences with nothing to feed")  # a bug, not input
+            while state.queue or state.running or state.waiting:
+                self._tick(state)
         finally:
             self.graph_buckets = graphs.captured if graphs is not None else {}
             if runner is not None:
                 runner.close()
         return state
+
+    def _tick(self, state: _Rollout) -> list[RunningSequence]:
+        """One round of the scheduler: admit (and prefill) what fits, collect finished tools, then ONE decode forward
+        over every running sequence with something to feed. Returns the sequences that forward ran."""
+        admitted = self._admit(state)
+        if not admitted and state.queue and not state.running and not state.waiting:  # checked up front
+            raise RuntimeError(f"rollout engine: request {state.queue[0]} can never be admitted")
+        if admitted:
+            self._prefill(admitted, state)
+        if state.runner is not None:
+            for seq in state.runner.collect(state.waiting, block=not state.running and not state.queue):
+                if seq.length > seq.max_len:  # a tool result longer than its budget
+                    self._finish(seq, "length", state)
+                else:
+                    state.running.append(seq)
+        decoding = [s for s in state.running if s.pending]
+        if decoding:
+            self._step(decoding, state)
+        elif not state.queue and not state.waiting and state.running:
+            raise RuntimeError("rollout engine: running sequences with nothing to feed")  # a bug, not input
+        return decoding
 
     def _batch(self, requests: list[Request], state: _Rollout) -> RolloutBatch:
         """The finished rollout as packed tensors (made outside inference mode: the trainer computes with them)."""
@@ -264,7 +309,7 @@ class Engine:
                     lens.append(0)
                     errors.append(state.errors[i])
                 continue
-            for s in state.results[i]:
+            for s in state.jobs[i].results:
                 tokens += s.prompt
                 tokens += s.new
                 index += [-1] * len(s.prompt)
@@ -393,13 +438,14 @@ class Engine:
             return f"prompt of {len(request.prompt_ids)} tokens exceeds max_prefill_tokens ({self.max_prefill_tokens})"
         return None
 
-    def _admit(self, queue: deque[int], requests: list[Request], state: _Rollout) -> list[list[RunningSequence]]:
+    def _admit(self, state: _Rollout) -> list[list[RunningSequence]]:
         """Admit whole requests (all n samples) in order while the cache, batch and prefill budgets allow."""
-        cache, admitted, budget = self._cache, [], self.max_prefill_tokens
+        cache, admitted, budget, queue = self._cache, [], self.max_prefill_tokens, state.queue
         while queue:
             i = queue[0]
-            request = requests[i]
-            max_len = min(len(request.prompt_ids) + state.reserve, self.max_model_len)
+            job = state.jobs[i]
+            request = job.request
+            max_len = min(len(request.prompt_ids) + job.reserve, self.max_model_len)
             if len(state.running) + request.n > self.max_num_seqs and state.running:
                 break
             if len(request.prompt_ids) > budget:
@@ -417,9 +463,10 @@ class Engine:
             queue.popleft()
             budget -= len(request.prompt_ids)
             now = time.perf_counter()
-            group = [RunningSequence(i, j, _seed(state.sampling.seed, i, j), list(request.prompt_ids), p, max_len,
-                                     start_time=now) for j, p in enumerate(pages)]  # fmt: skip
+            group = [RunningSequence(i, j, _seed(job.sampling.seed, job.seed_key, j), list(request.prompt_ids), p,
+                                     max_len, start_time=now) for j, p in enumerate(pages)]  # fmt: skip
             group[0].pending = list(request.prompt_ids)
+            job.live = len(group)
             admitted.append(group)
         return admitted
 
@@ -459,7 +506,7 @@ class Engine:
         self._sample_and_route(seqs, logits[rows], state)
 
     def _step(self, seqs: list[RunningSequence], state: _Rollout) -> None:
-        graphs = self._graphs if state.width else None
+        graphs = self._graphs if state.width else None  # only a rollout (one SamplingParams for all) has a width
         if graphs is not None and graphs.fits(len(seqs)) and all(len(s.pending) == 1 for s in seqs):
             ids = [s.pending[0] for s in seqs]
             for s in seqs:
@@ -479,20 +526,42 @@ class Engine:
             self._sample_and_route(ready, logits, state)
 
     def _sample_and_route(self, seqs: list[RunningSequence], logits: torch.Tensor, state: _Rollout) -> None:
+        """Sample every row with its own request's SamplingParams: rows are grouped by what the sampler reads
+        (temperature, top-p, top-k, min-p), one ``sample_tokens`` call per group (one call when all share them, as
+        in a rollout). A row's sample depends only on its logits, seed and position, so grouping changes nothing."""
         device = logits.device
         seeds = to_device([s.seed for s in seqs], torch.long, device)
         positions = to_device([s.length for s in seqs], torch.long, device)
-        tokens, logprobs = sample_tokens(logits, state.sampling, seeds, positions)
+        groups: dict[tuple, list[int]] = {}
+        params: dict[tuple, SamplingParams] = {}
+        for row, s in enumerate(seqs):
+            sampling = state.jobs[s.request].sampling
+            key = sampling_key(sampling)
+            groups.setdefault(key, []).append(row)
+            params.setdefault(key, sampling)
+        if len(groups) == 1:
+            tokens, logprobs = sample_tokens(logits, next(iter(params.values())), seeds, positions)
+        else:
+            tokens = torch.empty(len(seqs), dtype=torch.long, device=device)
+            logprobs = torch.empty(len(seqs), dtype=torch.float32, device=device)
+            for key, rows in groups.items():
+                index = to_device(rows, torch.long, device)
+                tokens[index], logprobs[index] = sample_tokens(logits[index], params[key], seeds[index],
+                                                               positions[index])  # fmt: skip
         self._route(seqs, tokens.tolist(), logprobs, state)
 
     def _route(self, seqs: list[RunningSequence], tokens: list[int], logprobs: torch.Tensor, state: _Rollout) -> None:
         """Record each sequence's sampled token (its log-prob stays on the device: the sequence keeps its index);
         finish it, hand it to its tool, or keep it running."""
-        first, sampling, runner = state.record(logprobs), state.sampling, state.runner
+        first, runner = state.record(logprobs), state.runner
         for k, (s, token) in enumerate(zip(seqs, tokens, strict=True)):
+            job = state.jobs[s.request]
+            sampling = job.sampling
             s.add_sampled(token, first + k)
+            if job.listener is not None:
+                job.listener(s.sample, token, None)
             reason = None
-            if token in state.stop_ids:
+            if token in job.stop_ids:
                 is_call = self.harmony is not None and token == self.harmony.call
                 if is_call and runner is not None and s.tool_calls < sampling.max_turns - 1:
                     s.tool_calls += 1
@@ -510,8 +579,136 @@ class Engine:
 
     def _finish(self, s: RunningSequence, reason: str, state: _Rollout) -> None:
         s.finish, s.seconds = reason, time.perf_counter() - s.start_time
-        state.results[s.request][s.sample] = s
+        job = state.jobs[s.request]
         self._cache.release(s.pages)
+        job.live -= 1
+        if job.listener is not None:
+            job.listener(s.sample, None, reason)
+            if job.live == 0:
+                del state.jobs[s.request]  # a stream keeps nothing of a finished request
+        else:
+            job.results[s.sample] = s
+
+
+class EngineStream:
+    """The engine's scheduler, run one step at a time by its caller (``Engine.stream()``): continuous batching for a
+    server.
+
+    ``submit`` a request with its own ``SamplingParams`` at any time; it joins the running batch at the next
+    ``step`` the KV cache allows (each ``step`` admits and prefills what fits, then runs ONE decode forward over
+    every running sequence; rows with different sampling params are sampled in groups). Each sampled token goes to
+    the request's listener as ``listener(sample, token, None)`` and each sample's end as ``listener(sample, None,
+    finish)`` (``stop`` / ``length``). ``cancel`` drops a request, or one of its samples, and frees its pages.
+
+    Sampling is the rollout's: a sample's tokens depend only on the model, its prompt, its params and its seed, so a
+    request sampled here gets the tokens ``Engine.generate([request], sampling)`` gives (``seed_key=0``; fp32 matmuls
+    of other batch sizes aside). What a stream leaves out: tools (a server hands tool calls to its client), decode
+    graphs, and sampler log-probs (nothing is kept once a request is done).
+
+    Not thread-safe: one thread, the one that runs the model, calls ``submit`` / ``cancel`` / ``step``. ``check``
+    reads only what stays fixed while the stream is open and may be called from any thread.
+
+    ``stats``: ``steps`` (decode forwards), ``tokens`` (sampled), ``requests`` (submitted), ``cancelled``
+    (sequences), ``max_batch`` (most sequences in one decode forward), ``max_batch_requests`` (most distinct
+    requests in one decode forward) and ``batched_steps`` (decode forwards over two requests or more).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.cache = engine._ready_cache([], 0)
+        self.cache.reset()
+        self.state = _Rollout(None, keep_logprobs=False)
+        self.stats = dict.fromkeys(("steps", "tokens", "requests", "cancelled", "max_batch", "max_batch_requests",
+                                    "batched_steps"), 0)  # fmt: skip
+        self._ids = itertools.count()
+        self._default_stop = frozenset(engine.default_stop_ids())
+
+    @property
+    def busy(self) -> bool:
+        """Something to do: requests waiting for admission or sequences running."""
+        return bool(self.state.queue or self.state.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.state.queue)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.state.running)
+
+    def check(self, request: Request, sampling: SamplingParams) -> str | None:
+        """Why this request can never run here (bad params, prompt, too long for the context or the cache), or None."""
+        vocab = self.engine.model.config.vocab_size
+        try:
+            sampling.validate(vocab)
+        except ValueError as err:
+            return str(err)
+        if sampling.max_turns != 1:
+            return "a stream runs no tools: max_turns must be 1"
+        return self.engine._check_request(request, vocab, sampling.max_new_tokens, self.cache)
+
+    def submit(self, request: Request, sampling: SamplingParams, listener: Listener, *, seed_key: int = 0) -> int:
+        """Queue a request; returns its id. Its samples' seeds mix ``sampling.seed`` with ``seed_key`` (as a
+        rollout mixes in the request's index). ValueError when it can never run (see ``check``)."""
+        problem = self.check(request, sampling)
+        if problem:
+            raise ValueError(problem)
+        stop_ids = self._default_stop if sampling.stop_token_ids is None else frozenset(sampling.stop_token_ids)
+        rid = next(self._ids)
+        self.state.jobs[rid] = _Job(request, sampling, stop_ids, sampling.max_new_tokens, seed_key, results=[],
+                                    listener=listener)  # fmt: skip
+        self.state.queue.append(rid)
+        self.stats["requests"] += 1
+        return rid
+
+    def cancel(self, rid: int, sample: int | None = None) -> int:
+        """Drop request ``rid`` (or only its sample ``sample``) wherever it is; its listener hears nothing more.
+        Returns the number of sequences dropped (0 when it had already finished)."""
+        state = self.state
+        job = state.jobs.get(rid)
+        if job is None:
+            return 0
+        if rid in state.queue:  # not admitted yet: all of it goes (a sample alone cannot have started)
+            if sample is not None and job.request.n > 1:
+                return 0
+            state.queue.remove(rid)
+            del state.jobs[rid]
+            self.stats["cancelled"] += job.request.n
+            return job.request.n
+        dropped = [s for s in state.running if s.request == rid and (sample is None or s.sample == sample)]
+        if dropped:
+            gone = {id(s) for s in dropped}
+            state.running[:] = [s for s in state.running if id(s) not in gone]
+        for s in dropped:
+            self.cache.release(s.pages)
+            job.live -= 1
+        if job.live <= 0:
+            state.jobs.pop(rid, None)
+        self.stats["cancelled"] += len(dropped)
+        return len(dropped)
+
+    def step(self) -> int:
+        """Admit what fits, prefill it, and run one decode forward over all running sequences (listeners are called
+        from here). Returns the number of sequences that forward ran."""
+        with torch.inference_mode():
+            decoding = self.engine._tick(self.state)
+        if decoding:
+            stats = self.stats
+            requests = len({s.request for s in decoding})
+            stats["steps"] += 1
+            stats["max_batch"] = max(stats["max_batch"], len(decoding))
+            stats["max_batch_requests"] = max(stats["max_batch_requests"], requests)
+            stats["batched_steps"] += requests > 1
+        self.stats["tokens"] = self.state.num_logprobs
+        return len(decoding)
+
+    def close(self) -> None:
+        """Drop every request and free the engine for rollouts (the cache stays allocated)."""
+        for rid in list(self.state.jobs):
+            self.cancel(rid)
+        self.cache.reset()
+        if self.engine._stream is self:
+            self.engine._stream = None
 
 
 def _seed(seed: int, request: int, sample: int) -> int:
