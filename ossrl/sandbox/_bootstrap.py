@@ -3,8 +3,8 @@
 Passed as `python -I -c <this source> MAIN_PY WORKDIR ISOLATION`, already unprivileged. The exit code carries the
 outcome (the user's code can fake it, but only to misreport its own run): 0 ok, EXIT_SYNTAX, EXIT_MEMORY, 1 for any
 other uncaught exception, or whatever the program passed to sys.exit().
-Where the OS gave no network namespace / read-only root / pid namespace, audit hooks stand in (best effort: they
-stop ordinary Python code, not code that corrupts the interpreter).
+Where the OS gave no network namespace / private read-only root / pid namespace (a run the caller allowed without
+them), audit hooks stand in (best effort: they stop ordinary Python code, not code that corrupts the interpreter).
 """
 
 import sys
@@ -19,7 +19,7 @@ def _install_guards(workdir: str, isolation: set) -> None:
     import os
     import socket
 
-    guard_net, guard_fs = "netns" not in isolation, "rofs" not in isolation
+    guard_net, guard_fs = "netns" not in isolation, "pivot_root" not in isolation
     guard_kill = "pidns" not in isolation and "uid" not in isolation
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     me = os.getpid()
@@ -63,7 +63,7 @@ def _main() -> None:
     main_py, workdir, isolation = sys.argv[1], sys.argv[2], set(sys.argv[3].split(","))
     with open(main_py, "rb") as f:
         src = f.read()
-    if not {"netns", "rofs"} <= isolation or not ({"pidns", "uid"} & isolation):
+    if not {"netns", "pivot_root"} <= isolation or not ({"pidns", "uid"} & isolation):
         _install_guards(workdir, isolation)
     try:
         code = compile(src, "main.py", "exec", dont_inherit=True)

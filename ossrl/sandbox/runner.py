@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import platform
 import random
 import selectors
 import shutil
@@ -23,13 +24,15 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-from ossrl.sandbox.result import SandboxError, SandboxResult, classify
+from ossrl.sandbox.cgroup import RunCgroup
+from ossrl.sandbox.result import REQUIRED, SandboxError, SandboxResult, classify
 
 log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).resolve().parent
 # Unassigned by systemd's conventions (below 2^31, above the nspawn container ranges); one random uid per run.
 DEFAULT_UID_RANGE = (0x7000_0000, 0x7FFE_0000)
+ALLOW_ENV = "OSSRL_SANDBOX_ALLOW_UNISOLATED"  # the trainer's (and any caller's) opt-in without code
 _DRAIN_S = 0.5  # after the program ended: how long to wait for the last output
 _warned: set[str] = set()
 
@@ -77,16 +80,53 @@ def _pick_ids(uid_range: tuple[int, int]) -> tuple[int, int]:
     raise SandboxError(f"no usable unprivileged uid in {uid_range} or 65534")
 
 
-def _expose_list(python: str, root: str) -> list[str]:
-    """Directories the unprivileged child must reach even when they sit under a private dir (pyenv in /root)."""
-    paths = {root, os.path.dirname(python), os.path.dirname(os.path.realpath(python))}
-    if os.path.realpath(python) == os.path.realpath(sys.executable):
-        import site
+# What the private root holds besides the interpreter: the system's programs and shared libraries.
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# Never bind these whole into the sandbox (a prefix this wide means python= points at an odd interpreter).
+_TOO_WIDE = {"/", "/home", "/root", "/tmp", "/var", "/etc", "/run", "/proc", "/sys", "/dev", "/srv", "/mnt", "/media"}
 
-        paths |= {sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages()}
-    else:
-        paths.add(os.path.dirname(os.path.dirname(os.path.realpath(python))))
-    return sorted(paths)
+
+def _project_dir() -> str | None:
+    """The checkout this package runs from (None when it is installed into site-packages: part of the runtime)."""
+    pkg = _HERE.parent
+    if any(part in ("site-packages", "dist-packages") for part in pkg.parts):
+        return None
+    return str(pkg.parent)
+
+
+@cache
+def _runtime_paths(python: str) -> tuple[str, ...]:
+    """The paths the sandbox's root holds for `python`: its venv, its installation prefix, the system dirs."""
+    paths = [p for p in SYSTEM_DIRS if os.path.lexists(p)]
+    env_root = os.path.dirname(os.path.dirname(python))
+    cfg = os.path.join(env_root, "pyvenv.cfg")
+    if os.path.isfile(cfg):  # a venv: itself (literal path: python finds pyvenv.cfg there) and its base
+        paths.append(env_root)
+        for line in Path(cfg).read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "home" and value.strip():
+                paths.append(os.path.dirname(os.path.realpath(value.strip())))
+    paths.append(os.path.dirname(os.path.dirname(os.path.realpath(python))))  # the installation prefix
+    if os.path.realpath(python) == os.path.realpath(sys.executable):
+        paths += [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
+    paths.append(python)  # its chain of symlinks
+    home, project = os.path.realpath(os.path.expanduser("~")), _project_dir()
+
+    def holds(q: str, x: str | None) -> bool:
+        return x is not None and x not in ("/", "") and (x == q or x.startswith(q.rstrip("/") + "/"))
+
+    for p in paths:
+        for q in (p, os.path.realpath(p)):
+            if q in _TOO_WIDE or holds(q, home) or holds(q, project):
+                raise SandboxError(
+                    f"the interpreter {python} needs {q} in the sandbox, which would expose the host's files "
+                    "(a home or the project): pass python= an interpreter installed elsewhere"
+                )
+    out: list[str] = []
+    for p in sorted({os.path.normpath(p) for p in paths}):
+        if not any(p.startswith(q + "/") for q in out):
+            out.append(p)
+    return tuple(out)
 
 
 def _count_processes(uid: int) -> int:
@@ -182,8 +222,16 @@ def _pump(proc: subprocess.Popen, status_fd: int, stdin: bytes, deadline: float,
     return io
 
 
-def _kill_everything(proc: subprocess.Popen, uid: int | None) -> None:
-    # The launcher is not reaped yet, so its pid (= our process group id) cannot have been reused.
+def _stop(proc: subprocess.Popen, uid: int | None, pidns: bool) -> None:
+    """End the launcher and everything under it. The launcher is not reaped yet, so its pid (= our process group
+    id) cannot have been reused."""
+    if proc.returncode is None and not pidns:
+        # No pid namespace whose end kills everything: init kills the run's processes when asked (SIGTERM).
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=1)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
     if proc.returncode is None:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # launcher + init; init's death tears down the pid namespace
@@ -193,6 +241,12 @@ def _kill_everything(proc: subprocess.Popen, uid: int | None) -> None:
     if uid is not None:  # no pid namespace: hunt down stragglers (double-forked daemons) by their run-private uid
         cfg = json.dumps({"kill_uid": uid})
         subprocess.run([sys.executable, "-I", "-S", str(_HERE / "_launcher.py"), cfg], env={}, timeout=10, check=False)
+
+
+def _allowed(allow_unisolated: bool | None) -> bool:
+    if allow_unisolated is not None:
+        return allow_unisolated
+    return os.environ.get(ALLOW_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def run_python(
@@ -213,31 +267,46 @@ def run_python(
     env: dict[str, str] | None = None,
     namespaces: bool = True,
     uid_range: tuple[int, int] = DEFAULT_UID_RANGE,
+    allow_unisolated: bool | None = None,
+    _disable: tuple[str, ...] = (),
 ) -> SandboxResult:
     """Run `code` as a Python program in a fresh sandboxed process and report how it ended.
 
     Limits: `timeout_s` wall clock (enforced here) and `cpu_time_s` CPU seconds (RLIMIT_CPU, default = timeout),
-    `memory_mb` address space (RLIMIT_AS), `max_output_bytes` per stream (exceeding it kills the run),
-    `max_processes` tasks, `max_file_mb` per file (RLIMIT_FSIZE), `disk_mb` for the whole work dir (a tmpfs).
-    `files` are written into the work dir (the cwd) first; `env` adds variables to the minimal environment.
-    `namespaces=False` skips the kernel namespaces (testing the fallbacks). Raises SandboxError only when the
-    sandbox itself cannot be set up.
+    `memory_mb` for the whole process tree (a cgroup; RLIMIT_AS per process as well), `max_output_bytes` per
+    stream (exceeding it kills the run), `max_processes` tasks for the tree (cgroup pids + RLIMIT_NPROC),
+    `max_file_mb` per file (RLIMIT_FSIZE), `disk_mb` for the whole work dir (a tmpfs, counted as memory too).
+    `files` are written into the work dir (the cwd, also $HOME and $TMPDIR) first; `env` adds variables to the
+    minimal environment.
+
+    Isolation (see the module docstring): when any of REQUIRED cannot be set up here (not root and no user
+    namespaces, no cgroup, ...) the run is refused with a SandboxError naming what is missing, unless
+    `allow_unisolated=True` or the environment has OSSRL_SANDBOX_ALLOW_UNISOLATED=1; then it runs with what
+    there is (warning once) and the result's `missing` names the gaps. `namespaces=False` skips the kernel
+    namespaces (testing the fallbacks; needs allow_unisolated). Raises SandboxError only when the sandbox itself
+    cannot be set up or refuses; never for what the program did.
     """
     if not sys.platform.startswith("linux"):
-        raise SandboxError("ossrl.sandbox needs Linux (namespaces, rlimits, /proc)")
+        raise SandboxError("ossrl.sandbox needs Linux (namespaces, cgroups, rlimits, /proc)")
     python = os.path.abspath(python or sys.executable)
+    runtime = _runtime_paths(python)
     cpu_limit = max(1, math.ceil(cpu_time_s if cpu_time_s is not None else timeout_s))
     is_root = os.geteuid() == 0
     uid, gid = _pick_ids(uid_range) if is_root else (os.getuid(), os.getgid())
-    if not is_root:
-        _warn_once("root", "not root: the program runs under our own uid (a user namespace may still isolate it)")
+    allow = _allowed(allow_unisolated)
+    disable = tuple(_disable)
+    cgroup, cgroup_why = (None, "disabled") if "cgroup" in disable else RunCgroup.create(memory_mb << 20, max_processes)
     root = Path(tempfile.mkdtemp(prefix="ossrl-sbx-"))
     status_r = status_w = -1
+    io: _Io | None = None
+    status: list[dict] = []
+    oom_kills = leftover = 0
     try:
         root.chmod(0o711)  # the child may traverse it, other users may not list it
         main_py, work = root / "main.py", root / "work"
         main_py.write_bytes(code.encode("utf-8", "surrogateescape"))
         work.mkdir(mode=0o700)
+        (root / "newroot").mkdir(mode=0o700)
         _write_files(work, files or {})
         if is_root:
             _chown_tree(work, uid, gid)
@@ -254,14 +323,24 @@ def run_python(
         }
         flags = ["-I"] + ([] if site_packages else ["-S"])
         status_r, status_w = os.pipe()
+        devices = ["/dev/null", "/dev/zero", "/dev/urandom"]
         cfg = {
             "status_fd": status_w,
             "namespaces": namespaces,
+            "disable": list(disable),
+            "required": list(REQUIRED),
+            "allow_unisolated": allow,
             "uid": uid,
             "gid": gid,
             "drop_privileges": is_root,
+            "hostname": "sandbox",
+            "root": str(root),
+            "newroot": str(root / "newroot"),
             "workdir": str(work),
-            "expose": _expose_list(python, str(root)),
+            "main_py": str(main_py),
+            "runtime": list(runtime),
+            "landlock_read": [*runtime, str(main_py), "/etc/ld.so.cache", "/etc/localtime", *devices],
+            "cgroup_procs": cgroup.procs_files if cgroup else [],
             "disk_mb": disk_mb,
             "env": child_env,
             "argv": [python, *flags, "-c", _bootstrap_source(), str(main_py), str(work)],
@@ -287,14 +366,14 @@ def run_python(
         )
         os.close(status_w)
         status_w = -1
-        io: _Io | None = None
         try:
             io = _pump(proc, status_r, stdin_bytes or b"", start + timeout_s, max_output_bytes)
         finally:
             status = _parse_status(io.status if io else b"")
-            isolation = next((tuple(m["isolation"]) for m in status if "isolation" in m), ())
-            stray_uid = uid if is_root and "pidns" not in isolation and not (io and io.finished) else None
-            _kill_everything(proc, stray_uid)
+            isolation = _last(status, "isolation") or ()
+            pidns = "pidns" in isolation
+            stray_uid = uid if is_root and not pidns and not (io and io.finished) else None
+            _stop(proc, stray_uid, pidns)
             for pipe in (proc.stdout, proc.stderr):
                 if pipe is not None:
                     pipe.close()
@@ -302,8 +381,15 @@ def run_python(
         for fd in (status_r, status_w):
             if fd >= 0:
                 os.close(fd)
+        if cgroup is not None:
+            oom_kills = cgroup.oom_kills()
+            leftover = cgroup.close()
         shutil.rmtree(root, ignore_errors=True)
-    return _result(io, status, isolation, cpu_limit, start)
+    if leftover:
+        log.warning("sandbox: %d process(es) of a finished run were still alive; killed", leftover)
+    return _result(
+        io, status, cpu_limit, start, oom_kills=oom_kills, allow=allow, cgroup_why=cgroup_why, namespaces=namespaces
+    )
 
 
 def _parse_status(raw: bytes) -> list[dict]:
@@ -318,24 +404,61 @@ def _parse_status(raw: bytes) -> list[dict]:
     return out
 
 
-def _result(io: _Io, status: list[dict], isolation: tuple[str, ...], cpu_limit: int, start: float) -> SandboxResult:
+def _last(status: list[dict], key: str) -> object:
+    return next((m[key] for m in reversed(status) if key in m), None)
+
+
+def _explain(missing: list[str], status: list[dict], cgroup_why: str, namespaces: bool) -> str:
+    notes = [m["warning"] for m in status if "warning" in m]
+    if "cgroup" in missing:
+        notes.append(f"cgroup: {cgroup_why}")
+    if {"pidns", "mntns", "netns"} & set(missing):
+        why = (
+            "namespaces=False"
+            if not namespaces
+            else "not root and no user namespaces"
+            if os.geteuid()
+            else "unshare failed"
+        )
+        notes.append(f"namespaces: {why}")
+    if "seccomp" in missing:
+        notes.append(f"seccomp: no filter for {platform.machine()} or the kernel refused it")
+    return "; ".join(notes)
+
+
+def _result(
+    io: _Io,
+    status: list[dict],
+    cpu_limit: int,
+    start: float,
+    *,
+    oom_kills: int,
+    allow: bool,
+    cgroup_why: str,
+    namespaces: bool,
+) -> SandboxResult:
     end = next((m for m in status if "exit" in m or "signal" in m), None)
     errors = [m["error"] for m in status if "error" in m]
+    refused = _last(status, "refused")
+    isolation = tuple(_last(status, "isolation") or ())
+    missing = tuple(_last(status, "missing") or ())
+    if refused:
+        why = _explain(refused, status, cgroup_why, namespaces)
+        raise SandboxError(
+            f"refusing to run untrusted code without {', '.join(refused)} ({why}). "
+            f"Pass allow_unisolated=True, or set {ALLOW_ENV}=1, to run it with what there is."
+        )
     if errors and not io.timed_out:
         hint = ""
-        if "PermissionError" in errors[-1] and "uid" in isolation:
+        if "PermissionError" in errors[-1] and "uid" in isolation and "pivot_root" not in isolation:
             hint = " (the interpreter must be reachable by an unprivileged uid without a mount namespace: pass python=)"
         raise SandboxError("; ".join(errors) + hint)
-    for m in status:
-        if "warning" in m:
-            _warn_once(m["warning"].split(":")[0], m["warning"])
-    for name, why in (
-        ("netns", "no network namespace: sockets are blocked by an audit hook (best effort)"),
-        ("pidns", "no pid namespace: leftover processes are killed by uid / process group"),
-        ("rofs", "no read-only root: writes outside the work dir are stopped by uid and an audit hook only"),
-    ):
-        if isolation and name not in isolation:
-            _warn_once(name, why)
+    if missing and allow:
+        _warn_once(
+            "missing:" + ",".join(missing),
+            f"running untrusted code without {', '.join(missing)} (allow_unisolated): "
+            + _explain(list(missing), status, cgroup_why, namespaces),
+        )
     exit_code = signum = None
     if end is not None:
         exit_code = end.get("exit")
@@ -347,6 +470,7 @@ def _result(io: _Io, status: list[dict], isolation: tuple[str, ...], cpu_limit: 
         signum=signum,
         cpu_s=end.get("cpu_s") if end else None,
         cpu_limit=cpu_limit,
+        oom_kills=oom_kills,
     )
     return SandboxResult(
         ok=kind is None,
@@ -356,6 +480,7 @@ def _result(io: _Io, status: list[dict], isolation: tuple[str, ...], cpu_limit: 
         error_kind=kind,
         wall_time_s=io.end - start,
         network="netns" if "netns" in isolation else "audit_hook",
-        isolation=isolation,
+        protections=isolation,
+        missing=missing,
         cpu_time_s=end.get("cpu_s") if end else None,
     )
