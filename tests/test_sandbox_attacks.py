@@ -626,6 +626,13 @@ def _wait_gone(marker: str, within_s: float = 2.0) -> list[int]:
         time.sleep(0.05)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_attack_host_unix_socket(tmp_path):
     path = Path("/tmp") / f"{TAG}.sock"
     server = socket.socket(socket.AF_UNIX)
@@ -817,3 +824,137 @@ def test_attack_parent_session_keyring():
     )
     r = _in_child(_keyring_run, code)
     assert escapes(r) == [], r
+
+
+# ---------------------------------------------------------------- the caller is not root (simulated)
+
+UNPRIV_UID = 0x6F00_0000 + (os.getpid() & 0xFFFF)  # a uid nothing on this host owns
+DOCKER_LIKE_GID = UNPRIV_UID + 1  # a supplementary group that owns a host file (think: the docker group)
+MS_REC, MS_PRIVATE = 16384, 1 << 18
+
+
+def _expose_interpreter() -> None:
+    """In a private mount namespace, make this interpreter reachable for an unprivileged uid (pyenv lives in /root,
+    mode 700): cover each closed ancestor with an empty tmpfs and bind the interpreter's prefix back."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert (
+        libc.unshare(0x00020000) == 0 and libc.mount(None, b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None) == 0
+    )
+    prefixes = sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix)})
+    fds = {p: os.open(p, os.O_PATH) for p in prefixes}
+    covered: set[str] = set()
+    for p in prefixes:
+        closed = [a for a in [*reversed(Path(p).parents), Path(p)] if not a.stat().st_mode & 0o001]
+        if not closed:
+            continue
+        top = str(closed[0])
+        if top not in covered:
+            assert libc.mount(b"tmpfs", top.encode(), b"tmpfs", 0, b"mode=0755") == 0
+            covered.add(top)
+        os.makedirs(p, exist_ok=True)
+        assert (
+            libc.mount(f"/proc/self/fd/{fds[p]}".encode(), p.encode(), None, ctypes.c_ulong(4096 | MS_REC), None) == 0
+        )
+
+
+def _as_user(fn, *args, env: dict[str, str] | None = None, **kw):
+    """fn(*args, **kw) in a forked child that dropped to UNPRIV_UID with the supplementary group DOCKER_LIKE_GID."""
+
+    def child():
+        _expose_interpreter()
+        os.setgroups([DOCKER_LIKE_GID])
+        os.setresgid(UNPRIV_UID, UNPRIV_UID, UNPRIV_UID)
+        os.setresuid(UNPRIV_UID, UNPRIV_UID, UNPRIV_UID)
+        os.environ.update(env or {})
+        return fn(*args, **kw)
+
+    return _in_child(child)
+
+
+@pytest.fixture
+def unprivileged_home(tmp_path_factory):
+    """The unprivileged caller's home with an ssh key, and a host file only the docker-like group may read."""
+    base = Path(f"/tmp/{TAG}-home")
+    (base / ".ssh").mkdir(parents=True)
+    (base / ".ssh" / "id_ed25519").write_text(TOKEN)
+    for p in (base, base / ".ssh", base / ".ssh" / "id_ed25519"):
+        os.chown(p, UNPRIV_UID, UNPRIV_UID)
+    (base / ".ssh").chmod(0o700)
+    (base / ".ssh" / "id_ed25519").chmod(0o600)
+    group_file = Path(f"/tmp/{TAG}-group-secret")
+    group_file.write_text(TOKEN)
+    os.chown(group_file, 0, DOCKER_LIKE_GID)
+    group_file.chmod(0o640)
+    yield base, group_file
+    import shutil
+
+    shutil.rmtree(base)
+    group_file.unlink()
+
+
+def _run_or_error(code: str, **kw) -> SandboxResult | str:
+    from ossrl.sandbox import SandboxError
+
+    try:
+        return run_python(code, **kw)
+    except SandboxError as e:
+        return f"SandboxError: {e}"
+
+
+def test_unprivileged_refuses_without_opt_in(unprivileged_home):
+    """Not root: no cgroup can be made here, so the run is refused, naming what is missing and how to opt in."""
+    home, _ = unprivileged_home
+    out = _as_user(_run_or_error, "print('ran')", env={"HOME": str(home)})
+    assert isinstance(out, str) and "refusing to run untrusted code without cgroup" in out, out
+    assert "allow_unisolated=True" in out and "OSSRL_SANDBOX_ALLOW_UNISOLATED=1" in out
+
+
+def test_unprivileged_user_namespace_attacks(unprivileged_home):
+    """Not root, opted in: the caller's ~/.ssh, a file of its supplementary group and the host's homes stay out."""
+    home, group_file = unprivileged_home
+    code = read_files(home / ".ssh" / "id_ed25519") + (
+        f"attempt('read the caller\\'s ssh key', lambda: open({str(home / '.ssh' / 'id_ed25519')!r}).read())\n"
+        f"attempt('read a file of a supplementary group', lambda: open({str(group_file)!r}).read())\n"
+        f"attempt('list the caller\\'s home', lambda: os.listdir({str(home)!r}))\n"
+        "attempt('expanduser finds the real home', lambda: os.path.expanduser('~') != os.getcwd())\n"
+        "print('groups', os.getgroups(), 'uid', os.getuid())\n"
+    )
+    code += list_dirs("/home", "/root", "/tmp")[len(PRELUDE) :]
+    r = _as_user(_run_or_error, code, allow_unisolated=True, env={"HOME": str(home)})
+    assert isinstance(r, SandboxResult), r
+    assert escapes(r) == [] and r.ok, r
+    assert {"userns", "pivot_root", "pidns", "netns", "seccomp", "keyring", "nnp"} <= set(r.protections), r
+    assert "groups" not in r.protections and r.missing == ("cgroup",), r  # an unprivileged user cannot drop groups
+
+
+def test_unprivileged_without_namespaces_attacks(unprivileged_home):
+    """Not root and no namespaces (opted in through the environment): the program runs under the caller's own
+    uid, yet it may not kill a host process of that uid, read its environment, or leave a daemon behind."""
+    home, _ = unprivileged_home
+
+    def scenario():
+        victim = subprocess.Popen(["sleep", "60"], env={"OSSRL_VICTIM": TOKEN})
+        try:
+            code = PRELUDE + (
+                f"attempt('kill a host process of my uid', lambda: os.kill({victim.pid}, 9) is None)\n"
+                f"attempt('read its environment', lambda: open('/proc/{victim.pid}/environ').read())\n"
+                f"attempt('kill my parent', lambda: os.kill(os.getppid(), 9) is None)\n"
+                f"attempt('read the host project', lambda: open({str(REPO / 'README.md')!r}).read(10))\n"
+                "if os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+                "        print('daemon', os.getpid(), flush=True)\n        time.sleep(60)\n    os._exit(0)\n"
+                "time.sleep(0.3)\n"
+            )
+            r = _run_or_error(code, namespaces=False)
+            time.sleep(0.3)
+            daemon = [int(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("daemon ")]
+            return r, victim.poll() is None, [p for p in daemon if _alive(p)]
+        finally:
+            victim.kill()
+            victim.wait()
+
+    out = _as_user(_run_or_error, "print('ran')", namespaces=False, env={"HOME": str(home)})
+    assert isinstance(out, str) and "pidns" in out and "refusing" in out, out
+    r, victim_alive, daemons = _as_user(scenario, env={"HOME": str(home), "OSSRL_SANDBOX_ALLOW_UNISOLATED": "1"})
+    assert isinstance(r, SandboxResult) and escapes(r) == [], r
+    assert victim_alive and daemons == [], (r, daemons)
+    assert {"landlock", "landlock_scope", "seccomp"} <= set(r.protections) and "pidns" in r.missing, r
