@@ -56,6 +56,47 @@ def test_ast_check_flags_by_structure_not_by_strings():
     assert not report.parses and "never closed" in report.syntax_error
 
 
+@pytest.mark.parametrize(
+    "code",
+    [
+        'LABEL = "{} x {}".format(2, 3)',
+        'LABEL = "{0:>8} {name!r:{width}}".format(1, name=2, width=5)',
+        'LABEL = f"{len(FAST)} chars"',
+        "match [1, 2]:\n    case [a, b]:\n        pass\n    case {'k': v}:\n        pass\n    case int() | float():\n"
+        "        pass",
+        "from fractions import Fraction\nfrom collections import abc, deque\nfrom fractions import math",
+    ],
+)
+def test_the_gate_lets_plain_python_through(code):
+    assert check_code(code + "\n" + FAST).clean, check_code(code + "\n" + FAST).violations
+
+
+@pytest.mark.parametrize(
+    "code, violation",
+    [
+        ('s = "{0.real}".format(1)', "a .format field that reads attributes or items ({0.real})"),
+        ('s = "{0[0]}".format([1])', "({0[0]})"),
+        ('s = "{0:{1.real}}".format(1, 2)', "({1.real})"),  # a field nested in a format spec
+        ('s = "{0" ".real}".format(1)', "({0.real})"),  # implicitly concatenated literals are one string
+        ('s = "{".format(1)', "a .format string that does not parse"),
+        ('f = "{}"\ns = f.format(1)', "calls .format on something that is not a string literal"),
+        ('s = str.format("{}", 1)', "calls .format on something that is not a string literal"),
+        ('s = "{x}".format_map({"x": 1})', "accesses .format_map"),
+        ("match 1:\n    case object(real=r):\n        pass", "a class pattern with arguments"),
+        ("match 1:\n    case int(r):\n        pass", "a class pattern with arguments"),
+        ("from fractions import sys", "imports the module sys through fractions"),
+        ("from fractions import re", "imports the module re through fractions"),
+        ("def g():\n    yield\nx = g().gi_yieldfrom", "accesses .gi_yieldfrom"),
+        ("def f():\n    x = 1\n    return lambda: x\nc = f().cell_contents", "accesses .cell_contents"),
+        ("async def c():\n    pass\nx = c().cr_await", "accesses .cr_await"),
+        ("x = (1).f_lasti", "accesses .f_lasti"),
+    ],
+)
+def test_the_gate_closes_attribute_access_by_name(code, violation):
+    report = check_code(code + "\n" + FAST)
+    assert report.parses and any(violation in v for v in report.violations), report.violations
+
+
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_submissions_get_no_reward_with_a_reason(name):
     code, reason = HOSTILE[name]
@@ -77,8 +118,6 @@ def test_hostile_submissions_get_no_reward_with_a_reason(name):
         (HOSTILE["exec_string"][0], (), "name 'exec' is not defined"),
         (HOSTILE["getattr_builtins"][0], (), "name 'getattr' is not defined"),
         (HOSTILE["open_file"][0], (), "name 'open' is not defined"),
-        (HOSTILE["perf_counter"][0], ("time",), "tampered with the clock: replaced time.perf_counter"),
-        (HOSTILE["time_time"][0], ("time",), "replaced time.time"),
         ("import sys\nf = sys._getframe(0)\n" + FAST, ("sys",), "sys._getframe is not allowed"),
         ("import sys\nDATA = sys.stdin.read()\nassert DATA, 'stdin was empty'\n" + FAST, ("sys",), "stdin was empty"),
         ("class L(list):\n    pass\n\ndef matmul(A, B):\n    return L([[0] * len(B[0]) for _ in A])\n", (),
@@ -90,6 +129,15 @@ def test_runtime_defences(code, allowed, reason):
     ev = evaluate_matmul(code, static_check=False, allowed_imports=set(allowed) | {"operator"}, **QUICK)
     assert not ev.correct and ev.speedup is None
     assert reason in ev.reason, ev.reason
+
+
+@pytest.mark.parametrize("name", ["perf_counter", "time_time"])
+def test_replacing_the_clock_changes_nothing(name):
+    """The clock that counts is the harness parent's, in another process: a submission that stops its own
+    clock is timed like any other (FAST is honestly about 1.5x here, far from the 0-second calls it claims)."""
+    ev = evaluate_matmul(HOSTILE[name][0], static_check=False, allowed_imports={"time", "operator"}, **QUICK)
+    assert ev.correct and min(ev.times_s) > QUICK["size"] ** 3 * mm.MIN_SECONDS_PER_MULADD, ev.reason
+    assert ev.speedup < 3.0, ev.speedup
 
 
 CACHED = """from operator import mul
@@ -124,7 +172,7 @@ def test_forged_report_lines_are_ignored():
 def test_impossible_timing_is_rejected(monkeypatch):
     def fake_run(code, spec, timeout_s, memory_mb):
         outputs = [mm._product(a, b) for a, b in [*spec["cases"], *spec["timed"]]]
-        return {"outputs": outputs, "elapsed": [1e-9] * len(spec["timed"]), "tampered": []}, ""
+        return {"outputs": outputs, "elapsed": [1e-9] * len(spec["timed"])}, ""
 
     monkeypatch.setattr(mm, "_run_harness", fake_run)
     ev = evaluate_matmul(FAST, **QUICK)
@@ -152,6 +200,33 @@ def test_correct_submissions_and_speed():
     assert 0.5 < ev_naive.speedup < 1.6  # the baseline against itself
     assert ev_fast.speedup > 1.2 and out.values["fast"][1] > 0.0
     assert len(ev_fast.times_s) == len(ev_fast.baseline_times_s) == 6  # rounds x repeats
+
+
+T_LOOP = """def matmul(A, B):
+    Bt = [list(col) for col in zip(*B)]
+    C = []
+    for Ai in A:
+        Ci = []
+        for Bj in Bt:
+            s = 0
+            for a, b in zip(Ai, Bj):
+                s += a * b
+            Ci.append(s)
+        C.append(Ci)
+    return C
+"""
+
+
+@pytest.mark.slow
+def test_honest_faster_code_outscores_the_naive_loop():
+    """Small honest gains survive the new timing (pipe round trips included): a transposed-B loop (about 1.15x on
+    CPython 3.11, whose naive loop is already fast) and sum(map(mul)) over transposed rows (about 1.7x)."""
+    task = get_task("matmul", size=64, rounds=4, repeats=5, workers=1)
+    codes = [NAIVE, T_LOOP, FAST]
+    out = task.score([{"id": i} for i in range(3)], [f"```python\n{c}```" for c in codes])
+    assert out.values["correct"] == [1.0] * 3
+    naive, t_loop, fast = out.total
+    assert naive < t_loop < fast, out.total
 
 
 def test_prompt_code_extraction_and_options():

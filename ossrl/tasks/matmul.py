@@ -2,20 +2,25 @@
 
 Grading one submission (:func:`evaluate_matmul`), each step gating the next:
 1. parses: the final answer holds Python (the last fenced code block, else the whole text) that parses;
-2. clean: the AST check (code_check.py) finds no forbidden import, builtin, dunder or reflection; a violation costs
-   the ``clean`` penalty (-1) and the code is never run;
-3. runs / correct: a fresh sandboxed process (the harness, _matmul_harness.py) runs it on inputs drawn fresh from
-   the OS's randomness on every call (odd shapes, ints and floats): caching across calls cannot help. The parent
-   computes the expected products and compares; the harness only runs and times;
-4. fast: ``rounds`` fresh processes (cold caches), each timing ``repeats`` calls on new inputs (every output
-   checked for correctness again), against the naive baseline timed the same way in its own processes,
-   interleaved (the submission never shares a process with the baseline's timer). The speedup compares the
+2. clean: the AST check (code_check.py) finds no forbidden import, builtin, dunder, reflection, frame attribute,
+   class pattern with arguments or format field that walks attributes; a violation costs the ``clean`` penalty
+   (-1) and the code is never run;
+3. runs / correct: a fresh sandboxed run of the harness (_matmul_harness.py): a parent process that holds the
+   inputs and times each call on its own clock, and the submission in a child process forked before the inputs
+   existed, whose only way out is a pipe the parent reads. Each call's answer leaves the child inside the timed
+   window, as raw doubles: nothing the submission defers (a placeholder filled in by a later call, a lazy object)
+   can count. Inputs are drawn fresh from the OS's randomness on every call (odd shapes, ints and floats); this
+   process computes the expected products and compares every answer;
+4. fast: ``rounds`` fresh runs (cold caches), each timing ``repeats`` calls on new inputs (every output checked
+   again), against the naive baseline timed the same way in its own runs, interleaved. The speedup compares the
    fastest call of each (noise only ever adds time); ``fast = clip((speedup - 1) / (target_speedup - 1), 0, 1)``.
-A replaced clock, an impossible time or a non-list result zeroes runs, correct and fast, with the reason.
+A run that did not exit 0 within its limits is a crash whatever it printed (no runs, correct or fast); so is a
+report that is not exactly what the harness writes, and an impossible time.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -23,6 +28,7 @@ import random
 import re
 import secrets
 import threading
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +97,9 @@ def _product(a: list[list[Any]], b: list[list[Any]]) -> list[list[Any]]:
 
 
 def _close(got: Any, want: list[list[Any]]) -> bool:
-    if len(got) != len(want) or any(len(g) != len(w) for g, w in zip(got, want, strict=False)):
+    if not isinstance(got, list) or len(got) != len(want):  # a tuple: the (rows, cols) of a wrong shape
+        return False
+    if any(len(g) != len(w) for g, w in zip(got, want, strict=True)):
         return False
     pairs = (xy for g, w in zip(got, want, strict=True) for xy in zip(g, w, strict=True))
     return all(math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9) for x, y in pairs)
@@ -103,23 +111,71 @@ def _cases(rng: random.Random) -> list[tuple[list, list]]:
     return [(_matrix(rng, n, m, i % 2 == 1), _matrix(rng, m, p, i % 2 == 1)) for i, (n, m, p) in enumerate(shapes)]
 
 
+def _encode(matrix: list[list[Any]]) -> list[Any]:
+    """[typecode, rows, cols, base64 of the values]: ints as int64 ("q"), anything else as doubles ("d")."""
+    flat = [x for row in matrix for x in row]
+    typecode = "q" if all(type(x) is int for x in flat) else "d"
+    return [typecode, len(matrix), len(matrix[0]), base64.b64encode(array(typecode, flat).tobytes()).decode()]
+
+
+def _decode(item: Any, shape: tuple[int, int]) -> list[list[float]] | tuple[int, int]:
+    """One answer from the report: the matrix when it has the expected shape, else the shape it had."""
+    rows, cols, data = item
+    if type(rows) is not int or type(cols) is not int or type(data) is not str:
+        raise ValueError("bad output entry")
+    if (rows, cols) != shape:
+        if data:
+            raise ValueError("data with a wrong shape")
+        return rows, cols
+    flat = array("d")
+    flat.frombytes(base64.b64decode(data, validate=True))
+    if len(flat) != rows * cols:
+        raise ValueError("output size does not match its shape")
+    values = flat.tolist()
+    return [values[i * cols : (i + 1) * cols] for i in range(rows)]
+
+
 def _run_harness(code: str, spec: dict[str, Any], timeout_s: float, memory_mb: int) -> tuple[dict | None, str]:
-    """One fresh sandboxed run; (the harness's report, or None) and a reason when there is no report."""
+    """One fresh sandboxed run of the harness on ``spec`` ({"allowed", "cases", "timed"}, matrices as lists).
+
+    Returns ({"outputs": [matrix, or the (rows, cols) of a wrong shape], "elapsed": [s per timed call]}, "") or
+    ({"error": what the submission did}, ""), or (None, why the run counts as a crash): it did not exit 0 within
+    its limits, or its report is missing, duplicated or not what the harness writes."""
     from ossrl.sandbox import run_python
 
     nonce = secrets.token_hex(16)
-    stdin = f"{nonce}\n{json.dumps(spec)}"
-    result = run_python(HARNESS, stdin=stdin, files={"solution.py": code}, timeout_s=timeout_s, memory_mb=memory_mb)
-    for line in reversed(result.stdout.splitlines()):
-        if line.startswith(nonce + " "):
-            try:
-                return json.loads(line[len(nonce) + 1 :]), ""
-            except (ValueError, MemoryError):
-                return None, "unreadable harness report"
-    tail = result.stderr.strip().splitlines()[-1:] if result.stderr.strip() else []
-    return None, f"the run ended without a report ({result.error_kind or 'exit ' + str(result.exit_code)})" + (
-        f": {tail[0][:200]}" if tail else ""
+    calls = [*spec["cases"], *spec["timed"]]
+    wire = {"allowed": sorted(spec["allowed"]), "cases": [[_encode(a), _encode(b)] for a, b in spec["cases"]],
+            "timed": [[_encode(a), _encode(b)] for a, b in spec["timed"]]}  # fmt: skip
+    report_bytes = sum(len(a) * len(b[0]) * 11 + 64 for a, b in calls) + 8192  # base64 doubles + framing
+    result = run_python(
+        HARNESS,
+        stdin=f"{nonce}\n{json.dumps(wire)}",
+        files={"solution.py": code},
+        timeout_s=timeout_s,
+        memory_mb=memory_mb,
+        max_output_bytes=max(1_000_000, 2 * report_bytes),
     )
+    if not result.ok:  # a harness that did not exit 0 is a crash, whatever it printed
+        tail = result.stderr.strip().splitlines()[-1:] if result.stderr.strip() else []
+        how = result.error_kind or f"exit {result.exit_code}"
+        return None, f"the run crashed ({how})" + (f": {tail[0][:200]}" if tail else "")
+    lines = [line for line in result.stdout.splitlines() if line.startswith(nonce + " ")]
+    if len(lines) != 1:
+        return None, "the run ended without a report" if not lines else "the run wrote more than one report"
+    try:
+        report = json.loads(lines[0][len(nonce) + 1 :])
+        if set(report) == {"error"} and type(report["error"]) is str:
+            return {"error": report["error"][:500] or "error"}, ""
+        if set(report) != {"outputs", "elapsed"} or len(report["outputs"]) != len(calls):
+            raise ValueError("bad report keys")
+        outputs = [_decode(item, (len(a), len(b[0]))) for item, (a, b) in zip(report["outputs"], calls, strict=True)]
+        elapsed = report["elapsed"]
+        if len(elapsed) != len(spec["timed"]) or not all(type(t) is float and 0 < t < math.inf for t in elapsed):
+            raise ValueError("bad times")
+    except (ValueError, TypeError, KeyError, MemoryError):
+        return None, "unreadable harness report"
+    return {"outputs": outputs, "elapsed": elapsed}, ""
 
 
 def evaluate_matmul(
@@ -162,31 +218,28 @@ def evaluate_matmul(
     for r in range(rounds):
         cases, pairs = (_cases(rng) if r == 0 else []), timed()
         out, why = _run_harness(code, {"allowed": allowed, "cases": cases, "timed": pairs}, timeout_s, memory_mb)
-        if out is None or out.get("error") or out.get("tampered"):
+        if out is None or "error" in out:
             ev.runs = ev.correct = False
             ev.speedup = None
-            if out is not None and out.get("tampered"):
-                ev.reason = "tampered with the clock: replaced time." + ", time.".join(out["tampered"])
-            else:
-                ev.reason = out["error"] if out is not None else why
+            ev.reason = out["error"] if out is not None else why
             return ev
         ev.runs = True
         for (a, b), got in zip([*cases, *pairs], out["outputs"], strict=True):
             if not _close(got, _product(a, b)):
                 ev.correct, ev.speedup = False, None
-                ev.reason = f"wrong result for a {len(a)}x{len(b)} @ {len(b)}x{len(b[0])} product"
+                ev.reason = f"wrong result for a {len(a)}x{len(b)} @ {len(b)}x{len(b[0])} product" + (
+                    f" (returned {got[0]}x{got[1] if got[1] >= 0 else '?'})" if isinstance(got, tuple) else ""
+                )
                 return ev
         if min(out["elapsed"]) < size**3 * MIN_SECONDS_PER_MULADD:
             ev.runs = ev.correct = False
-            ev.reason = (
-                f"impossible timing ({min(out['elapsed'])!r} s for {size}^3 multiply-adds): the clock was fooled"
-            )
+            ev.reason = f"impossible timing ({min(out['elapsed'])!r} s for {size}^3 multiply-adds)"
             return ev
         ev.correct = True
         ev.times_s += out["elapsed"]
         base, why = _run_harness(NAIVE, {"allowed": [], "cases": [], "timed": timed()}, timeout_s, memory_mb)
-        if base is None or base.get("error"):
-            raise RuntimeError(f"matmul: the naive baseline failed to run ({why or base})")
+        if base is None or "error" in base:
+            raise RuntimeError(f"matmul: the naive baseline failed to run ({why or base['error']})")
         ev.baseline_times_s += base["elapsed"]
     # The minimum: noise (other processes, frequency changes) only ever adds time.
     ev.speedup = min(ev.baseline_times_s) / min(ev.times_s)
