@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -114,10 +115,9 @@ class Attack:
 
 
 def _first_file(root: Path) -> Path | None:
-    for dirpath, _, files in os.walk(root):
-        for f in sorted(files):
-            return Path(dirpath) / f
-    return None
+    """A data file (the gold answers the retool tool once read), else any file."""
+    found = sorted(Path(d) / f for d, _, files in os.walk(root) for f in files)
+    return next((p for p in found if p.suffix in (".jsonl", ".json", ".parquet")), found[0] if found else None)
 
 
 MEMORY_CHILDREN = (
@@ -626,6 +626,20 @@ def _wait_gone(marker: str, within_s: float = 2.0) -> list[int]:
         time.sleep(0.05)
 
 
+def _wait_for(marker: str, started: threading.Event, within_s: float = 3.0) -> None:
+    end = time.monotonic() + within_s
+    while time.monotonic() < end:
+        if _wait_gone(marker, 0):
+            started.set()
+            return
+        time.sleep(0.02)
+
+
+def sleep_marker() -> str:
+    """A unique argument for `sleep` (a number of seconds), findable in /proc/*/cmdline."""
+    return f"{100_000 + uuid.uuid4().int % 900_000}.{uuid.uuid4().int % 10**9:09d}"
+
+
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -746,14 +760,19 @@ def test_attack_signals_to_host(sentinel):
 @pytest.mark.parametrize("ending", ["exit", "timeout"])
 def test_attack_daemon_and_time_bomb(ending, sentinel):
     """setsid + double fork; the grandchild waits for the run to end, then tries to act."""
-    marker = f"{TAG}.{ending}"
+    marker = sleep_marker()
     code = (
         "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(0.5)\n"
         f"        try:\n            os.kill({sentinel.pid}, 9)\n        except OSError:\n            pass\n"
         f"        os.execvp('sleep', ['sleep', '{marker}'])\n    os._exit(0)\n"
     )
-    code += "time.sleep(0.2)\n" if ending == "exit" else "while True:\n    pass\n"
+    code += "time.sleep(0.8)\n" if ending == "exit" else "while True:\n    pass\n"
+    started = threading.Event()
+    watcher = threading.Thread(target=lambda: _wait_for(marker, started), daemon=True)
+    watcher.start()
     r = run_python(code, timeout_s=1.5)
+    watcher.join()
+    assert started.is_set(), "the daemon never started: the test proves nothing"
     assert r.error_kind == (None if ending == "exit" else "timeout"), r
     assert _wait_gone(marker, 0.5) == []
     time.sleep(1.0)  # the bomb's timer has run out: nothing of it may be left to go off

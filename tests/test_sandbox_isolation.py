@@ -234,3 +234,81 @@ def test_seccomp_filter_behaviour():
         return 0 if all(checks) else 10 + checks.index(False)
 
     assert _in_child(child) == 0
+
+
+@needs_root
+@needs_system_py
+def test_symlinks_left_in_a_host_work_dir_do_not_steer_cleanup(tmp_path):
+    """No private root (opted in): the work dir is on the host; links and locked dirs in it are removed, never
+    followed out of it."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("x")
+    victim.chmod(0o777)
+    code = (
+        f"import ctypes, os\nlibc = ctypes.CDLL(None)\nlibc.symlink({str(victim).encode()!r}, b'link')\n"
+        "libc.symlink(b'/', b'root')\n"
+        "os.mkdir('locked')\nopen('locked/f', 'w').write('x')\nos.chmod('locked', 0)\n"
+    )
+    r = run_python(code, _disable=("pivot_root",), allow_unisolated=True, **SYSTEM_PY)
+    assert r.ok, r
+    assert (victim / "keep").read_text() == "x" and victim.stat().st_mode & 0o777 == 0o777
+
+
+@needs_root
+def test_run_dies_with_its_host_process():
+    """The host process (a trainer) is killed mid-run: the launcher, init and the program go with it."""
+    marker = f"{100_000 + os.getpid() % 100_000}.{time.monotonic_ns() % 10**9:09d}"  # seconds, for `sleep`
+    code = f"import os\nos.execvp('sleep', ['sleep', '{marker}'])\n"
+    pid = os.fork()
+    if pid == 0:
+        try:
+            run_python(code, timeout_s=60)
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 10
+    while not _marked(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _marked(marker), "the program never started"
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    deadline = time.monotonic() + 3
+    while _marked(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _marked(marker)
+
+
+def _marked(marker: str) -> bool:
+    for p in os.listdir("/proc"):
+        try:
+            if p.isdigit() and marker.encode() in Path(f"/proc/{p}/cmdline").read_bytes():
+                return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            pass
+    return False
+
+
+def test_cgroup_v2_group_is_made_with_its_limits(tmp_path, monkeypatch):
+    """The v2 path on a stand-in tree (this host may only have v1): limits written, controllers enabled."""
+    from ossrl.sandbox import cgroup as cg
+
+    parent = tmp_path / "user.slice"
+    parent.mkdir()
+    (parent / "cgroup.subtree_control").write_text("cpu\n")
+    monkeypatch.setattr(cg, "_hierarchies", lambda: {"v2": str(parent)})
+    group, why = cg.RunCgroup.create(256 << 20, 32)
+    assert group is not None and why == "" and group.version == 2, why
+    (d,) = group.dirs
+    assert Path(d).parent == parent and Path(d).name.startswith(f"{PREFIX}{os.getpid()}-")
+    assert (Path(d) / "memory.max").read_text() == str(256 << 20) and (Path(d) / "pids.max").read_text() == "32"
+    assert (parent / "cgroup.subtree_control").read_text() == "+memory +pids"
+    assert group.procs_files == [f"{d}/cgroup.procs"]
+    (Path(d) / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 2\n")
+    assert group.oom_kills() == 2
+
+
+def test_cgroup_absent_is_explained(monkeypatch):
+    from ossrl.sandbox import cgroup as cg
+
+    monkeypatch.setattr(cg, "_hierarchies", lambda: {})
+    assert cg.RunCgroup.create(1 << 20, 4) == (None, "no cgroup hierarchy with memory and pids")

@@ -440,6 +440,9 @@ def main() -> int:
         kill_uid(cfg["kill_uid"])
         return 0
     status = Status(cfg["status_fd"])
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the host process died: so do we (and init, and the pid ns)
+    if os.getppid() != cfg["host_pid"]:
+        return 70  # it died before the line above
     try:
         namespaces = unshare_namespaces(cfg)
         child = os.fork()  # the first child after unshare(CLONE_NEWPID) is pid 1 of the new namespace

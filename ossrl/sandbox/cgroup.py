@@ -198,11 +198,12 @@ class RunCgroup:
             finally:
                 os.close(fd)
 
-    def close(self, timeout_s: float = 5.0) -> int:
-        """Kill whatever is still in the group, remove it; return how many processes had to be killed."""
+    def close(self, timeout_s: float = 5.0) -> tuple[int, list[str]]:
+        """Kill whatever is still in the group and remove it: (how many processes had to be killed, the
+        directories that could not be removed, with why)."""
         leftover = len(self.pids())
         deadline = time.monotonic() + timeout_s
-        remaining = list(self.dirs)
+        remaining, failed = list(self.dirs), []
         while remaining:
             if self.pids():
                 self._kill_members()
@@ -214,7 +215,8 @@ class RunCgroup:
                     remaining.remove(d)
                 except OSError as e:
                     if e.errno != errno.EBUSY or time.monotonic() > deadline:
-                        raise
+                        remaining.remove(d)
+                        failed.append(f"{d}: {e.strerror}")
             if remaining:
                 time.sleep(0.01)
-        return leftover
+        return leftover, failed

@@ -326,6 +326,7 @@ def run_python(
         devices = ["/dev/null", "/dev/zero", "/dev/urandom"]
         cfg = {
             "status_fd": status_w,
+            "host_pid": os.getpid(),
             "namespaces": namespaces,
             "disable": list(disable),
             "required": list(REQUIRED),
@@ -383,7 +384,9 @@ def run_python(
                 os.close(fd)
         if cgroup is not None:
             oom_kills = cgroup.oom_kills()
-            leftover = cgroup.close()
+            leftover, stuck = cgroup.close()
+            if stuck:
+                log.warning("sandbox: could not remove the run's cgroup: %s", "; ".join(stuck))
         shutil.rmtree(root, ignore_errors=True)
     if leftover:
         log.warning("sandbox: %d process(es) of a finished run were still alive; killed", leftover)
