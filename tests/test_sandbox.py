@@ -1,7 +1,8 @@
 """Hostile-code tests for ossrl.sandbox: every attack must fail inside the sandbox and leave the host untouched.
 
-Assertions do not depend on which isolation mechanism held (namespaces where the OS allows them, uid + audit-hook
-fallbacks elsewhere); `test_fallbacks` forces the fallbacks on purpose.
+Assertions do not depend on which isolation mechanism held; `test_fallbacks` forces the fallbacks on purpose (no
+namespaces, opted in). The escape attempts are in test_sandbox_attacks.py, the isolation itself (what is active,
+refusing without it) in test_sandbox_isolation.py.
 """
 
 from __future__ import annotations

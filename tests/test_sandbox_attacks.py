@@ -254,6 +254,7 @@ attempt('host pid {os.getpid()} visible', lambda: open('/proc/{os.getpid()}/envi
 
 PROC_ROOT = read_files(*[f"/proc/{n}/root{REPO}/README.md" for n in (1, 2, 3, "self")]) + (
     f"attempt('host fs via /proc/1/cwd', lambda: os.listdir('/proc/1/cwd/{REPO}'))\n"
+    "attempt('init\\'s fds', lambda: os.listdir('/proc/1/fd'))\n"
 )
 
 SYMLINK = (
@@ -936,6 +937,10 @@ def test_unprivileged_user_namespace_attacks(unprivileged_home):
         f"attempt('read a file of a supplementary group', lambda: open({str(group_file)!r}).read())\n"
         f"attempt('list the caller\\'s home', lambda: os.listdir({str(home)!r}))\n"
         "attempt('expanduser finds the real home', lambda: os.path.expanduser('~') != os.getcwd())\n"
+        "attempt('open init\\'s fds (the status pipe)', lambda: os.listdir('/proc/1/fd'))\n"
+        "attempt('forge a status line', lambda: [os.write(os.open(f'/proc/1/fd/{n}', os.O_WRONLY), b'{}') for n in "
+        "range(3, 12) if os.path.exists(f'/proc/1/fd/{n}')])\n"
+        "attempt('ptrace init', lambda: sc(101, 16, 1, 0, 0) == 0)\n"
         "print('groups', os.getgroups(), 'uid', os.getuid())\n"
     )
     code += list_dirs("/home", "/root", "/tmp")[len(PRELUDE) :]

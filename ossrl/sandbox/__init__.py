@@ -1,4 +1,6 @@
-"""Running untrusted, model-written Python code: a fresh process per run, limits, namespaces, no network.
+"""Running untrusted, model-written Python code: a fresh process per run in its own cgroup, namespaces and
+read-only root, under a seccomp filter; no network, nothing of the host's files. Refuses to run without that
+isolation unless the caller opts in (allow_unisolated=True / OSSRL_SANDBOX_ALLOW_UNISOLATED=1).
 
 from ossrl.sandbox import run_python, Sandbox
 r = run_python("print(input()[::-1])", stdin="abc", timeout_s=5)   # r.ok, r.stdout == "cba\\n"

@@ -31,7 +31,7 @@ CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 MNT_DETACH = 2
-PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 1, 2
 SYS_MOUNT_SETATTR = 442  # same number on every architecture (unified syscall table since 5.x)
@@ -243,7 +243,8 @@ def build_root(cfg: dict, pidns: bool) -> list[str]:
     uid, gid, work, new = cfg["uid"], cfg["gid"], cfg["workdir"], cfg["newroot"]
     done = ["pivot_root"]
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount may propagate back to the host
-    mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,nr_inodes=16384,mode=0755")
+    size_mb = 16 + (os.path.getsize(cfg["main_py"]) >> 20)  # mount points, /etc, the program
+    mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size_mb}m,nr_inodes=16384,mode=0755")
     dev = os.stat(new).st_dev
     for path in cfg["runtime"]:
         graft(path, new, dev)
@@ -345,6 +346,8 @@ def exec_worker(cfg: dict, status: Status, active: list[str], cgroup_fds: list[i
             (resource.RLIMIT_NPROC, (lim["nproc"],) * 2),
             (resource.RLIMIT_NOFILE, (lim["nofile"],) * 2),
             (resource.RLIMIT_CORE, (0, 0)),
+            (resource.RLIMIT_RTPRIO, (0, 0)),  # no real-time scheduling: a SCHED_FIFO spin would starve a core
+            (resource.RLIMIT_NICE, (0, 0)),
         ):
             resource.setrlimit(res, value)
         active.append("rlimits")
@@ -388,6 +391,9 @@ def run_init(cfg: dict, namespaces: list[str], status: Status) -> int:
     # Python's SIGINT handler would let a same-uid program (user-namespace case) interrupt us; as pid 1 of a pid ns
     # the kernel drops default-action signals sent from inside it.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # Not dumpable: a program of the same uid (user-namespace case) can neither ptrace us nor open /proc/1/fd/*
+    # (the status pipe). The worker is dumpable again after its exec.
+    prctl(PR_SET_DUMPABLE, 0)
     pidns = "pidns" in namespaces
     if not pidns:
         prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans come to us (not the host's init), so we can kill them at the end

@@ -1,8 +1,21 @@
 """run_python: one fresh, isolated, resource-limited process per call (see _launcher.py for the child side).
 
-Each run gets a private temp dir, a run-private uid when we are root (so RLIMIT_NPROC binds, root's files are
-off limits and stragglers can be killed by uid), new pid/net/mount/ipc namespaces where the OS allows them, and a
-wall-clock deadline enforced here. Thread-safe: concurrent calls share nothing.
+Each run gets:
+- a cgroup (v2 where our cgroup delegates memory+pids, else v1) holding its whole process tree: one memory limit
+  (RAM + swap, tmpfs files included) and one task limit for all of it; whatever is left in it when the run ends is
+  killed, and the group is removed;
+- new pid/net/mount/ipc/uts namespaces (as root; in a user namespace otherwise) and, through pivot_root, a private
+  read-only root holding the Python runtime only (its venv and prefix, /usr and /lib*), a made-up /etc, /dev with
+  null/zero/urandom and a private /dev/shm, a /proc of its own pid ns, and the work dir (a size-capped tmpfs, also
+  $HOME and $TMPDIR): nothing of the host's /tmp, /home, /root, /work, data or the project;
+- a run-private uid with no supplementary groups (as root), no_new_privs, a fresh session keyring, rlimits,
+  Landlock (reads: the root; writes: the work dir; no signals or abstract sockets out of the run) and a seccomp
+  filter (_confine.py): no io_uring, user namespaces, setns, ptrace, keyctl, mount API, bpf, perf, userfaultfd,
+  kexec/modules; sockets: IP (dead: empty netns) and AF_UNIX (no host socket reachable) only; other ABIs killed;
+- a wall-clock deadline enforced here, and an output cap.
+Where a REQUIRED protection cannot be had (not root and no user namespaces, no cgroup, ...) the run is refused
+unless the caller opts in (allow_unisolated=True or OSSRL_SANDBOX_ALLOW_UNISOLATED=1); the result names what was
+active (`protections`) and what was not (`missing`). Thread-safe: concurrent calls share nothing.
 """
 
 from __future__ import annotations
