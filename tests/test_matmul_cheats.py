@@ -38,6 +38,9 @@ def matmul(A, B):
     return [[sum(map(mul, row, col)) for col in cols] for row in A]
 """
 HOOK = "object.__getattr__ is not allowed"
+# Below any honest 24x24 pure-Python product (FAST: ~0.5 ms, the naive loop ~0.8 ms, plus the pipe), above every
+# time the cheats forge (24^3 * 3 ns = 41 us). A floor, not a ratio: load on the machine only ever adds time.
+HONEST_FLOOR_S = 24**3 * 1e-8
 CLASS_PATTERN = "a class pattern with arguments reads attributes"
 FORMAT_FIELD = "a .format field that reads attributes or items"
 
@@ -134,7 +137,7 @@ def test_the_run_time_layer_alone_holds(name):
     allowed = set(SAFE_IMPORTS) | set(cheat.imports)
     ev = evaluate_matmul(cheat_code(name), static_check=False, allowed_imports=allowed, **CFG)
     if cheat.run is None:  # timed honestly: the naive loop it is, whatever it did to its own clock
-        assert ev.correct and ev.speedup < 2.0, ev.reason
+        assert ev.correct and min(ev.times_s) > HONEST_FLOOR_S, (ev.reason, ev.times_s)
     else:
         assert not ev.correct and ev.speedup is None and cheat.run in ev.reason, ev.reason
 
@@ -143,11 +146,11 @@ def test_the_run_time_layer_alone_holds(name):
 def test_process_isolation_alone_holds(name, monkeypatch):
     """No audit hook, no AST gate: the frames are there to walk, and hold nothing that forges a result. A cheat
     either fails (no reporter, no nonce, no spec in any frame) or falls back to its honest code, timed honestly
-    (its code is the FAST one: about 1.5x)."""
+    (at least HONEST_FLOOR_S a call, where the forged reports claimed 24^3 * 3 ns)."""
     disarmed(monkeypatch)
     allowed = set(SAFE_IMPORTS) | set(CORPUS[name].imports)
     ev = evaluate_matmul(cheat_code(name), static_check=False, allowed_imports=allowed, **CFG)
-    assert ev.speedup is None or ev.speedup < 2.5, ev.reason
+    assert ev.speedup is None or min(ev.times_s) > HONEST_FLOOR_S, (ev.reason, ev.times_s)
     assert "not allowed" not in ev.reason, ev.reason  # the hook really was off
 
 

@@ -133,11 +133,10 @@ def test_runtime_defences(code, allowed, reason):
 
 @pytest.mark.parametrize("name", ["perf_counter", "time_time"])
 def test_replacing_the_clock_changes_nothing(name):
-    """The clock that counts is the harness parent's, in another process: a submission that stops its own
-    clock is timed like any other (FAST is honestly about 1.5x here, far from the 0-second calls it claims)."""
+    """The clock that counts is the harness parent's, in another process: a submission that stops its own clock
+    (claiming 0-second calls) is timed like any other. A floor, not a ratio: load only ever adds time."""
     ev = evaluate_matmul(HOSTILE[name][0], static_check=False, allowed_imports={"time", "operator"}, **QUICK)
-    assert ev.correct and min(ev.times_s) > QUICK["size"] ** 3 * mm.MIN_SECONDS_PER_MULADD, ev.reason
-    assert ev.speedup < 3.0, ev.speedup
+    assert ev.correct and min(ev.times_s) > QUICK["size"] ** 3 * 1e-8, (ev.reason, ev.times_s)
 
 
 CACHED = """from operator import mul
