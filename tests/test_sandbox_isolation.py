@@ -122,7 +122,7 @@ def test_landlock_alone_holds_files_without_the_private_root():
 def test_memory_limit_covers_the_tree_and_reads_as_memory():
     code = (
         "import os, time\nkids = []\nfor _ in range(4):\n    pid = os.fork()\n    if pid == 0:\n"
-        "        x = b'\\x01' * (100 << 20)\n        time.sleep(5)\n        os._exit(0)\n    kids.append(pid)\n"
+        "        x = b'\\x01' * (100 << 20)\n        time.sleep(1)\n        os._exit(0)\n    kids.append(pid)\n"
         "killed = [os.WIFSIGNALED(os.waitpid(k, 0)[1]) for k in kids]\n"
         "raise SystemExit(1 if any(killed) else 0)\n"
     )
