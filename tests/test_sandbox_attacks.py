@@ -992,3 +992,32 @@ def test_unprivileged_without_namespaces_attacks(unprivileged_home):
     assert isinstance(r, SandboxResult) and escapes(r) == [], r
     assert victim_alive and daemons == [], (r, daemons)
     assert {"landlock", "landlock_scope", "seccomp"} <= set(r.protections) and "pidns" in r.missing, r
+
+
+def test_attack_concurrent_runs_cannot_meet():
+    """Two runs at once (two samples of one group): the second finds nothing the first left for it — no shared
+    /dev/shm, abstract socket, SysV segment, temp dir or process."""
+    key = 0x05A8_0000 | (os.getpid() & 0xFFFF)
+    first = PRELUDE + (
+        f"open('/dev/shm/{TAG}', 'w').write('hello')\n"
+        f"s = socket.socket(socket.AF_UNIX)\ns.bind('\\0{TAG}')\ns.listen()\n"
+        f"libc.shmget({key}, 4096, 0o1666)\n"
+        f"open('{TAG}', 'w').write('hello')\n"
+        "print('ready', flush=True)\ntime.sleep(2)\n"
+    )
+    second = PRELUDE + (
+        f"attempt('the other run\\'s /dev/shm', lambda: os.listdir('/dev/shm'))\n"
+        f"attempt('its abstract socket', lambda: socket.socket(socket.AF_UNIX).connect('\\0{TAG}') is None)\n"
+        f"attempt('its SysV segment', lambda: libc.shmget({key}, 0, 0) >= 0)\n"
+        "import glob\n"
+        f"attempt('its work dir', lambda: glob.glob('/tmp/*/work/{TAG}') + glob.glob('/tmp/*/{TAG}'))\n"
+        "attempt('its processes', lambda: [p for p in os.listdir('/proc') if p.isdigit() and int(p) > 3])\n"
+    )
+    results: dict[str, SandboxResult] = {}
+    t = threading.Thread(target=lambda: results.setdefault("first", run_python(first, timeout_s=10)))
+    t.start()
+    time.sleep(0.8)
+    results["second"] = run_python(second, timeout_s=10)
+    t.join()
+    assert results["first"].ok and "ready" in results["first"].stdout, results["first"]
+    assert escapes(results["second"]) == [] and results["second"].ok, results["second"]
