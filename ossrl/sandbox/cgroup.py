@@ -107,7 +107,11 @@ class RunCgroup:
                     _write(os.path.join(parent, "cgroup.subtree_control"), "+memory +pids")
                 return cls._make(2, [os.path.join(parent, name)], memory_bytes, max_tasks), ""
             except OSError as e:
-                why = f"cgroup v2 at {parent}: {e.strerror or e}"
+                why = (
+                    f"cgroup v2 at {parent}: {e.strerror or e} (run the trainer in a cgroup whose children may get "
+                    "memory and pids: a delegated one, e.g. systemd-run --scope -p Delegate=yes, or a container with "
+                    "a writable /sys/fs/cgroup and its processes moved into a leaf)"
+                )
         if "memory" in hier and "pids" in hier:
             dirs = [os.path.join(hier["memory"], name), os.path.join(hier["pids"], name)]
             try:

@@ -296,8 +296,9 @@ def run_python(
     namespaces, no cgroup, ...) the run is refused with a SandboxError naming what is missing, unless
     `allow_unisolated=True` or the environment has OSSRL_SANDBOX_ALLOW_UNISOLATED=1; then it runs with what
     there is (warning once) and the result's `missing` names the gaps. `namespaces=False` skips the kernel
-    namespaces (testing the fallbacks; needs allow_unisolated). Raises SandboxError only when the sandbox itself
-    cannot be set up or refuses; never for what the program did.
+    namespaces (testing the fallbacks; needs allow_unisolated); `_disable` (tests only) switches protections off
+    by name to check the refusal. Raises SandboxError only when the sandbox itself cannot be set up or refuses;
+    never for what the program did.
     """
     if not sys.platform.startswith("linux"):
         raise SandboxError("ossrl.sandbox needs Linux (namespaces, cgroups, rlimits, /proc)")
