@@ -137,6 +137,9 @@ class TrainConfig:
     steps: int = 100
     seed: int = 0
     eval_every: int = 0  # 0: evaluate before and after only
+    # Run model-written code even where the sandbox cannot isolate it (no root / user namespaces / cgroup); it then
+    # runs with what protections there are and says which are missing. Off: such a run refuses to start.
+    allow_unisolated_sandbox: bool = False
     model: ModelSettings = field(default_factory=ModelSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
     rollout: RolloutSettings = field(default_factory=RolloutSettings)

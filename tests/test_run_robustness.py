@@ -185,3 +185,14 @@ def test_a_truncated_checkpoint_shard_is_named(tmp_path):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(ValueError, match=rf"{shard}: cannot read this safetensors file .* truncated or corrupt"):
         GptOss.from_pretrained(path, dtype=torch.float32)
+
+
+def test_the_config_opts_the_tasks_sandbox_into_running_unisolated(monkeypatch):
+    from ossrl.sandbox.runner import ALLOW_ENV
+    from ossrl.train.trainer import Trainer
+
+    monkeypatch.delenv(ALLOW_ENV, raising=False)
+    Trainer(load_config(None, RUN))
+    assert ALLOW_ENV not in __import__("os").environ  # off by default: an unisolated sandbox refuses to run
+    Trainer(load_config(None, [*RUN, "allow_unisolated_sandbox=true"]))
+    assert __import__("os").environ[ALLOW_ENV] == "1"

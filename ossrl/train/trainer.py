@@ -6,6 +6,7 @@ functions of ``ossrl.rl``. One engine serves the whole run: its KV cache is hand
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from ossrl.config import TrainConfig
 from ossrl.model.lora import LoraConfig, apply_lora, lora_parameters
 from ossrl.rollout import Engine, Request, SamplingParams
 from ossrl.rollout.batch import ERROR, FINISH_REASONS, RolloutBatch
+from ossrl.sandbox.runner import ALLOW_ENV as SANDBOX_ALLOW_ENV
 from ossrl.tasks import get_task
 from ossrl.tasks.rewards import RewardOutput
 from ossrl.train.batching import pack_micro_batches, pack_sequences
@@ -48,6 +50,8 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.device = _device(config.model.device)
+        if config.allow_unisolated_sandbox:  # the tasks' sandboxed tools and graders read the opt-in from here
+            os.environ[SANDBOX_ALLOW_ENV] = "1"
         random.seed(config.seed)
         torch.manual_seed(config.seed)
         options = {"reasoning_effort": config.task.reasoning_effort, "seed": config.seed, **config.task.options}
