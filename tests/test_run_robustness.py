@@ -191,7 +191,8 @@ def test_the_config_opts_the_tasks_sandbox_into_running_unisolated(monkeypatch):
     from ossrl.sandbox.runner import ALLOW_ENV
     from ossrl.train.trainer import Trainer
 
-    monkeypatch.delenv(ALLOW_ENV, raising=False)
+    monkeypatch.setenv(ALLOW_ENV, "")  # recorded, so the variable is restored (absent) after the test
+    monkeypatch.delenv(ALLOW_ENV)
     Trainer(load_config(None, RUN))
     assert ALLOW_ENV not in __import__("os").environ  # off by default: an unisolated sandbox refuses to run
     Trainer(load_config(None, [*RUN, "allow_unisolated_sandbox=true"]))
