@@ -178,7 +178,7 @@ def test_an_update_below_the_output_precision_is_reported(base, adapted, work, c
     tensors = load_file(small / "adapter_model.safetensors")
     save_file({n: t * 1e-4 if "lora_B" in n else t for n, t in tensors.items()}, small / "adapter_model.safetensors")
     assert export_checkpoint(base, work / "small_fp32", adapter=small).rounding_error < 1e-3
-    assert not caplog.records
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # (INFO progress lines may be on)
     with caplog.at_level("WARNING", logger="ossrl.model.export"):
         result = export_checkpoint(base, work / "small_bf16", adapter=small, dtype="bfloat16")
     assert result.rounding_error > 1
