@@ -532,8 +532,8 @@ HOSTNAME = PRELUDE + f"attempt('host name', lambda: socket.gethostname() == {soc
 ATTACKS = [
     # host files and directories
     # the shared data beside the checkout where there is one (CI's fresh clone has none: the repo's example data)
-    Attack("read_shared_data", read_files(*(p for p in (_first_file(SHARED / "data"), SHARED / "DESIGN.md") if p)
-                                          or (REPO / "examples" / "custom_task" / "data.jsonl",))),
+    Attack("read_shared_data", read_files(*(tuple(p for p in (_first_file(SHARED / "data"), SHARED / "DESIGN.md") if p)
+                                            or (REPO / "examples" / "custom_task" / "data.jsonl",)))),
     Attack(
         "read_project",
         read_files(REPO / "README.md", REPO / "ossrl" / "sandbox" / "runner.py", REPO / "pyproject.toml"),
