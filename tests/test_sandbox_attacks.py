@@ -122,6 +122,9 @@ def _first_file(root: Path) -> Path | None:
     return next((p for p in found if p.suffix in (".jsonl", ".json", ".parquet")), found[0] if found else None)
 
 
+SHARED_TARGETS = tuple(p for p in (_first_file(SHARED / "data"), SHARED / "DESIGN.md") if p and p.is_file()) or (
+    REPO / "examples" / "custom_task" / "data.jsonl",
+)
 MEMORY_CHILDREN = (
     PRELUDE
     + r"""
@@ -532,8 +535,7 @@ HOSTNAME = PRELUDE + f"attempt('host name', lambda: socket.gethostname() == {soc
 ATTACKS = [
     # host files and directories
     # the shared data beside the checkout where there is one (CI's fresh clone has none: the repo's example data)
-    Attack("read_shared_data", read_files(*(tuple(p for p in (_first_file(SHARED / "data"), SHARED / "DESIGN.md") if p)
-                                            or (REPO / "examples" / "custom_task" / "data.jsonl",)))),
+    Attack("read_shared_data", read_files(*SHARED_TARGETS)),
     Attack(
         "read_project",
         read_files(REPO / "README.md", REPO / "ossrl" / "sandbox" / "runner.py", REPO / "pyproject.toml"),
