@@ -14,7 +14,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -384,6 +384,26 @@ def create_app(
             return None
         return APIError(503, f"generation failed: {errors[0]}", type="server_error", code="service_unavailable")
 
+    async def drain(sub: Any, on: Callable[[int, Event], Any], choices: Sequence[ChatChoice | TextChoice]) -> None:
+        """Feed every event to ``on`` until the request's sequences end; raise the first choice's failure."""
+        try:
+            async for index, event in sub.events():
+                on(index, event)
+        finally:
+            sub.close()
+        problem = failure(choices)
+        if problem:
+            raise problem
+
+    async def respond(request: HTTPRequest, result: Awaitable[dict[str, Any]]) -> Response:
+        """The JSON result, or 499 when the client left first (its sequences are cancelled then)."""
+        body = await until_disconnect(request, result)
+        return JSONResponse(body) if body is not None else Response(status_code=499)
+
+    def event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:
+        return StreamingResponse(chunks, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+
     # ---- endpoints -------------------------------------------------------------------------------------------
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -485,25 +505,16 @@ def create_app(
                 finally:
                     sub.close()
 
-            return StreamingResponse(stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+            return event_stream(stream())
 
         async def collect() -> dict[str, Any]:
-            try:
-                async for index, event in sub.events():
-                    on(index, event)
-            finally:
-                sub.close()
-            problem = failure(choices)
-            if problem:
-                raise problem
+            await drain(sub, on, choices)
             return {**base, "object": "chat.completion",
                     "choices": [{"index": i, "message": c.message.openai(), "logprobs": None,
                                  "finish_reason": c.finish} for i, c in enumerate(choices)],
                     "usage": usage(len(prompt_ids), sum(c.tokens for c in choices))}  # fmt: skip
 
-        result = await until_disconnect(request, collect())
-        return JSONResponse(result) if result is not None else Response(status_code=499)
+        return await respond(request, collect())
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest) -> Response:
@@ -561,25 +572,16 @@ def create_app(
                 finally:
                     sub.close()
 
-            return StreamingResponse(stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+            return event_stream(stream())
 
         async def collect() -> dict[str, Any]:
-            try:
-                async for index, event in sub.events():
-                    on(index, event)
-            finally:
-                sub.close()
-            problem = failure(choices)
-            if problem:
-                raise problem
+            await drain(sub, on, choices)
             return {**base,
                     "choices": [{"index": i, "text": c.output, "logprobs": None, "finish_reason": c.finish}
                                 for i, c in enumerate(choices)],
                     "usage": usage(prompt_tokens, sum(c.tokens for c in choices))}  # fmt: skip
 
-        result = await until_disconnect(request, collect())
-        return JSONResponse(result) if result is not None else Response(status_code=499)
+        return await respond(request, collect())
 
     return app
 
