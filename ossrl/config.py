@@ -82,6 +82,8 @@ class AlgorithmSettings:
     overlong_penalty: float = 1.0
     tis_cap: float | None = 2.0  # token-level truncated importance sampling (sampler vs trainer); None: off
     seq_mask_hi: float | None = None  # sequence-level masked IS: drop sequences with geometric ratio outside
+    router_replay: bool = False  # R3: the training forward uses the experts the engine chose for each token (gates
+    # recomputed from the current router logits of those experts); router/route_mismatch_frac says how often they differ
 
 
 @dataclass
@@ -137,6 +139,7 @@ class TrainConfig:
     steps: int = 100
     seed: int = 0
     eval_every: int = 0  # 0: evaluate before and after only
+    deterministic: bool = False  # batch-invariant kernels (ossrl.deterministic()): sampler == trainer log-probs
     # Run model-written code even where the sandbox cannot isolate it (no root / user namespaces / cgroup); it then
     # runs with what protections there are and says which are missing. Off: such a run refuses to start.
     allow_unisolated_sandbox: bool = False

@@ -13,6 +13,14 @@ import graph has no cycle (``tests/test_import_graph.py``), lazy imports include
   paged decode         ``decode_ref.paged_decode_attention``    ``decode_ref``            ``decode_triton``
   MXFP4 grouped GEMM   ``mxfp4_ref.mxfp4_grouped_matmul``       ``mxfp4_ref``             ``mxfp4_triton``
   MoE experts          ``moe.moe_experts``                      (same module)             (uses the MXFP4 GEMM)
+  linear (x W^T + b)   ``linear`` (here)                        ``F.linear``              (cuBLAS / MKL)
+  RMSNorm              ``rms_norm`` (here)                      (same function)
+  softmax (router)     ``softmax`` (here)                       ``torch.softmax``
+
+Deterministic mode (``ossrl.deterministic()``, flag in ``common``): each dispatch above, and the sampled token's
+log-prob in the sampler and the trainer, runs its batch-invariant version from ``batch_invariant`` instead (one fixed
+reduction order per row: a token's numbers depend on its sequence only, never on the batch). The fast paths are
+untouched.
 
 Shared by the reference and the kernel: ``attention_ref`` (sink attention's checks), ``decode_inputs`` (paged
 decode's), ``mxfp4_format`` (MXFP4 numerics, the one place they live, and the MXFP4 GEMM's checks). ``common``
@@ -24,11 +32,12 @@ TRITON_INTERPRET, and CPU-only installs need no Triton.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from ossrl.kernels import attention_cpu
+from ossrl.kernels import attention_cpu, batch_invariant
 from ossrl.kernels.attention_ref import check_sink_attention_inputs, sink_attention_ref
 from ossrl.kernels.common import _warned as _warned  # the set lives in common: reset common._warned to re-warn
-from ossrl.kernels.common import triton_interpreting, warn_once
+from ossrl.kernels.common import deterministic_enabled, triton_interpreting, warn_once
 from ossrl.kernels.decode_ref import check_paged_decode_inputs, paged_decode_attention, paged_decode_attention_ref
 
 
@@ -47,6 +56,8 @@ def sink_attention(
     q [T, Hq, D], k/v [T, Hkv, D] (Hq a multiple of Hkv), sinks [Hq] fp32, cu_seqlens int32 [B+1];
     ``window=W`` lets query i see keys i-W+1 .. i. Returns [T, Hq, D]. See ``attention_ref`` for the math.
     """
+    if deterministic_enabled():
+        return batch_invariant.sink_attention(q, k, v, sinks, cu_seqlens, max_seqlen, window, softmax_scale)
     if q.is_cuda:
         try:  # imported here: importing Triton kernels reads TRITON_INTERPRET, and CPU-only installs need no Triton
             from ossrl.kernels.attention_triton import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, sink_attention_triton
@@ -67,6 +78,29 @@ def sink_attention(
     return sink_attention_ref(q, k, v, sinks, cu_seqlens, max_seqlen, window, softmax_scale)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T + bias (``F.linear``); batch-invariant (one row at a time) in deterministic mode."""
+    if deterministic_enabled():
+        return batch_invariant.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim in fp32 (weight fp32), returned in x's dtype."""
+    if deterministic_enabled():
+        return batch_invariant.rms_norm(x, weight, eps)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * xf).to(x.dtype)
+
+
+def softmax(x: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dim (the router's gates over its chosen experts), in x's dtype."""
+    if deterministic_enabled():
+        return batch_invariant.softmax(x)
+    return torch.softmax(x, dim=-1)
+
+
 _LAZY = {  # Triton-backed exports, imported on first use (see the note in sink_attention)
     "sink_attention_triton": "ossrl.kernels.attention_triton",
     "paged_decode_attention_triton": "ossrl.kernels.decode_triton",
@@ -82,6 +116,10 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "deterministic_enabled",
+    "linear",
+    "rms_norm",
+    "softmax",
     "sink_attention",
     "sink_attention_ref",
     "sink_attention_triton",

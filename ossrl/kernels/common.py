@@ -20,3 +20,21 @@ def warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         log.warning(message)
+
+
+# Deterministic mode (``ossrl.deterministic()``): every dispatch point reads this flag and, when it is set, runs the
+# batch-invariant version of its op (``ossrl.kernels.batch_invariant``). A process-wide flag, like
+# ``torch.use_deterministic_algorithms``: the engine's and the trainer's threads see the same mode.
+_deterministic = False
+
+
+def deterministic_enabled() -> bool:
+    """Whether the kernels run their batch-invariant versions (``ossrl.deterministic()``)."""
+    return _deterministic
+
+
+def set_deterministic_flag(enabled: bool) -> bool:
+    """Set deterministic mode on or off; returns the previous setting."""
+    global _deterministic
+    previous, _deterministic = _deterministic, bool(enabled)
+    return previous

@@ -18,8 +18,9 @@ import importlib.util
 
 import torch
 
+from ossrl.kernels import batch_invariant
 from ossrl.kernels.attention_ref import attend_with_sink, visible_keys
-from ossrl.kernels.common import warn_once
+from ossrl.kernels.common import deterministic_enabled, warn_once
 from ossrl.kernels.decode_inputs import (
     _VALUES_CHECKED,
     DEFAULT_KV_CHUNK,
@@ -91,7 +92,8 @@ def paged_decode_attention(
     sinks [Hq]. Returns [N, Hq, D]. Not differentiable (inference only).
     ``check_values=False`` skips the checks that read cu_q_lens, seq_lens and page_table (on CUDA each read waits
     for the GPU): for a caller that built them itself and checked them once, e.g. once per decode step rather than
-    once per layer. Shapes, dtypes and devices are still checked.
+    once per layer. Shapes, dtypes and devices are still checked. In deterministic mode (``ossrl.deterministic()``)
+    ``batch_invariant.paged_decode_attention`` runs: the training path's reduction, one query at a time.
     """
     if not check_values:
         token = _VALUES_CHECKED.set(True)
@@ -101,6 +103,8 @@ def paged_decode_attention(
         finally:
             _VALUES_CHECKED.reset(token)
     args = (q, k_cache, v_cache, page_table, seq_lens, cu_q_lens, max_q_len, sinks, window, softmax_scale, kv_chunk)
+    if deterministic_enabled():  # the training path's per-query reduction (reads lengths on the host)
+        return batch_invariant.paged_decode_attention(*args)
     if q.is_cuda:
         problem = triton_decode_problem(q.dtype, q.shape[-1])
         if problem is None:

@@ -23,8 +23,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from ossrl.kernels import mxfp4_ref
-from ossrl.kernels.common import warn_once
+from ossrl.kernels import batch_invariant, mxfp4_ref
+from ossrl.kernels.common import deterministic_enabled, warn_once
 
 
 class PackedWeight(Protocol):
@@ -151,8 +151,12 @@ def moe_experts(
     down_proj [E, I, H], down_proj_bias [E, H]. Returns [N, H] in x's dtype.
     ``gate_up_lora`` / ``down_lora``: optional per-expert LoRA (A [E, in, r], B [E, r, out], scale), so expert e
     computes x @ (W_e + scale * A_e @ B_e) without ever forming the sum; computed in x's dtype.
-    The k expert outputs of a token are summed in a fixed order, so the result is deterministic.
+    The k expert outputs of a token are summed in a fixed order, so the result is deterministic. In deterministic
+    mode (``ossrl.deterministic()``) ``batch_invariant.moe_experts`` runs: the same path whatever the batch size.
     """
+    if deterministic_enabled():
+        return batch_invariant.moe_experts(x, expert_ids, expert_weights, gate_up_proj, gate_up_proj_bias, down_proj,
+                                           down_proj_bias, alpha, limit, gate_up_lora, down_lora)  # fmt: skip
     n, k = expert_ids.shape
     num_experts = gate_up_proj_bias.shape[0]
     packed = not isinstance(gate_up_proj, torch.Tensor) or not isinstance(down_proj, torch.Tensor)

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ossrl.kernels import sink_attention
+from ossrl.kernels import linear, rms_norm, sink_attention, softmax
 from ossrl.kernels.moe import moe_experts
 from ossrl.model.checkpoint import keeps_fp32, load_weights, resolve_checkpoint_dir, write_checkpoint
 from ossrl.model.config import GptOssConfig
@@ -34,9 +33,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * xf).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_frequencies(config: GptOssConfig, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
@@ -87,7 +84,7 @@ class Linear(nn.Linear):
         self.register_module("lora", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = linear(x, self.weight, self.bias)
         return out + self.lora(x) if _lora_on(self.lora) else out
 
 
@@ -134,11 +131,24 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k experts per token and their weights: softmax over the k selected logits only."""
-        logits = F.linear(x, self.weight, self.bias)
+        ids, weights, _ = self.route(x)
+        return ids, weights
+
+    def route(
+        self, x: torch.Tensor, replay: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(experts used [T, k], their weights [T, k], the router's own top-k [T, k]). ``replay`` [T, k] (router
+        replay): rows whose entries are all >= 0 use those experts, in that order, instead of the router's choice;
+        their weights are the softmax of the CURRENT logits of those experts, so the router still learns."""
+        logits = linear(x, self.weight, self.bias)
         if _lora_on(self.lora):
             logits = logits + self.lora(x)
         top_logits, top_ids = torch.topk(logits, self.top_k, dim=-1, sorted=True)
-        return top_ids, torch.softmax(top_logits.float(), dim=-1).to(x.dtype)
+        ids = top_ids
+        if replay is not None:
+            ids = torch.where((replay >= 0).all(-1, keepdim=True), replay.to(top_ids.dtype), top_ids)
+            top_logits = logits.gather(-1, ids)
+        return ids, softmax(top_logits.float()).to(x.dtype), top_ids
 
 
 class Experts(nn.Module):
@@ -167,13 +177,18 @@ class Experts(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GptOssConfig) -> None:
+    def __init__(self, config: GptOssConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.router = Router(config)
         self.experts = Experts(config)
+        self.layer_idx = layer_idx
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expert_ids, expert_weights = self.router(x)
+    def forward(self, x: torch.Tensor, batch: PackedBatch | None = None) -> torch.Tensor:
+        """``batch.routes`` (router replay) overrides the router's choice; ``batch.route_log`` receives it."""
+        replay = batch.routes[:, self.layer_idx] if batch is not None and batch.routes is not None else None
+        expert_ids, expert_weights, chosen = self.router.route(x, replay)
+        if batch is not None and batch.route_log is not None:
+            batch.route_log[self.layer_idx] = chosen
         return self.experts(x, expert_ids, expert_weights)
 
 
@@ -183,11 +198,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, layer_idx)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: PackedBatch) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), batch)
 
 
 @dataclass
@@ -201,6 +216,11 @@ class PackedBatch:
     scatter_index: torch.Tensor | None = None  # where each packed token sits in the flattened [B*T] input
     padded_shape: tuple[int, int] | None = None
     kv_cache: KVCacheStep | None = None  # set by the rollout engine; None means plain varlen attention
+    # Router replay: [T, layers, k] experts each token uses in each layer instead of its router's top-k (a row of -1:
+    # the router's own choice). ``route_log``: a list with one slot per layer that each MoE layer fills with the
+    # experts its router chose ([T, k] long), replay or not (the engine records routes; the trainer compares).
+    routes: torch.Tensor | None = None
+    route_log: list[torch.Tensor | None] | None = None
 
 
 class KVCacheStep(Protocol):
@@ -285,7 +305,7 @@ class GptOss(nn.Module):
         super().__init__()
         self.config = config
         self.model = GptOssBackbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)  # (never gets a LoRA)
         self.gradient_checkpointing = False
 
     @property
@@ -316,9 +336,20 @@ class GptOss(nn.Module):
         *,
         cu_seqlens: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        routes: torch.Tensor | None = None,
+        route_log: list[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
-        """Final hidden states, shaped like the input ([T, H] packed or [B, T, H] padded)."""
+        """Final hidden states, shaped like the input ([T, H] packed or [B, T, H] padded). Packed input only:
+        ``routes`` [T, layers, k] replays experts (router replay; -1 rows: the router's own), ``route_log`` (a list
+        of one None per layer) receives each layer's router choice [T, k]."""
         batch = pack_batch(input_ids, attention_mask, cu_seqlens, position_ids)
+        if routes is not None or route_log is not None:
+            if batch.padded_shape is not None:
+                raise ValueError("routes / route_log need a packed [T] input (with cu_seqlens)")
+            if routes is not None and tuple(routes.shape[:2]) != (input_ids.shape[0], self.config.num_hidden_layers):
+                raise ValueError(f"routes must be [T={input_ids.shape[0]}, layers={self.config.num_hidden_layers}, "
+                                 f"k]; got {tuple(routes.shape)}")  # fmt: skip
+            batch.routes, batch.route_log = routes, route_log
         return self.unpack(self.forward_packed(batch), batch)
 
     def forward(

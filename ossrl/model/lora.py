@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ossrl.kernels import linear
 from ossrl.model.gpt_oss import GptOss
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -101,7 +102,7 @@ class LoraAdapter(nn.Module):
         # dropout only where gradients flow: rollouts and no-grad log-prob passes see the policy itself
         if self.dropout and self.training and torch.is_grad_enabled():
             x = F.dropout(x, self.dropout)
-        return F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
+        return linear(linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
 
 
 class ExpertLoraAdapter(nn.Module):

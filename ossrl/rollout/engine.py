@@ -86,6 +86,9 @@ class _Rollout:
     waiting: dict[int, RunningSequence] = field(default_factory=dict)  # id(seq) -> sequence whose tool is running
     logprobs: list[torch.Tensor] = field(default_factory=list)  # each step's sampler log-probs, on the device
     num_logprobs: int = 0
+    keep_routes: bool = False  # record the experts each forward's MoE layers chose (router replay)
+    routes: list[torch.Tensor] = field(default_factory=list)  # each forward's [rows, layers, k] int16, on the device
+    num_routes: int = 0
 
     def record(self, logprobs: torch.Tensor) -> int:
         """Keep one step's log-probs; returns the flat index of its first row."""
@@ -93,6 +96,13 @@ class _Rollout:
         if self.keep_logprobs:
             self.logprobs.append(logprobs)
         self.num_logprobs += logprobs.shape[0]
+        return first
+
+    def record_routes(self, routes: torch.Tensor) -> int:
+        """Keep one forward's experts per row and layer; returns the flat index of its first row."""
+        first = self.num_routes
+        self.routes.append(routes.to(torch.int16))
+        self.num_routes += routes.shape[0]
         return first
 
 
@@ -128,6 +138,7 @@ class Engine:
         append_chunk: int = 128,
         cuda_graphs: bool = False,
         torch_compile: bool | str = False,
+        record_routes: bool = True,
     ) -> None:
         if append_chunk < 1:
             raise ValueError(f"Engine: append_chunk must be >= 1; got {append_chunk}")
@@ -140,6 +151,7 @@ class Engine:
         self.max_model_len = max_model_len or model.config.max_position_embeddings
         self.append_chunk = append_chunk
         self.cuda_graphs = cuda_graphs
+        self.record_routes = record_routes
         self.compile_backend = ("inductor" if torch_compile is True else torch_compile) or None
         self.stats: dict[str, int] = {"rollouts": 0, "cache_layouts": 0, "cache_allocations": 0, "graph_captures": 0}
         self.weights_version = 0
@@ -149,6 +161,7 @@ class Engine:
         self._layout_seqs = 0  # sequences the sliding-window pool of the current layout holds
         self._graphs: DecodeGraphs | None = None
         self._stream: EngineStream | None = None
+        self._fed: tuple[torch.Tensor, list[int]] | None = None  # the last forward's routes and rows per sequence
         if tokenizer is not None:
             from ossrl.harmony import HarmonyTokens
 
@@ -248,7 +261,7 @@ class Engine:
         cache = self._ready_cache(requests, reserve)
         cache.reset()  # every page free: nothing of an earlier (perhaps interrupted) rollout survives
         runner = ToolRunner(tools or {}, self.tokenizer, sampling) if tools else None
-        state = _Rollout(runner, sampling=sampling)
+        state = _Rollout(runner, sampling=sampling, keep_routes=self.record_routes)
         for i, request in enumerate(requests):
             state.jobs[i] = _Job(request, sampling, stop_ids, reserve, seed_key=i, results=[None] * request.n)
             problem = self._check_request(request, vocab, reserve, cache)
@@ -296,6 +309,7 @@ class Engine:
         """The finished rollout as packed tensors (made outside inference mode: the trainer computes with them)."""
         tokens: list[int] = []
         index: list[int] = []  # per token: flat index of its sampler log-prob, -1 for prompt and appended tokens
+        route_index: list[int] = []  # per token: flat index of its experts (the forward that fed it), -1: never fed
         per_seq: dict[str, list] = {k: [] for k in ("prompt_lens", "group", "sample", "finish", "num_tool_calls",
                                                     "tool_errors", "seconds")}  # fmt: skip
         lens, errors = [], []
@@ -314,6 +328,7 @@ class Engine:
                 tokens += s.new
                 index += [-1] * len(s.prompt)
                 index += s.logprob_index
+                route_index += s.route_index + [-1] * (s.length - len(s.route_index))
                 values = dict(prompt_lens=len(s.prompt), group=i, sample=s.sample,
                               finish=FINISH_REASONS.index(s.finish), num_tool_calls=s.tool_calls,
                               tool_errors=s.tool_errors, seconds=s.seconds)  # fmt: skip
@@ -330,11 +345,19 @@ class Engine:
             cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
             cu[1:] = torch.tensor(lens, dtype=torch.long).cumsum(0)
             dtypes = {"seconds": torch.float64}
+            token_fields = {}
+            if state.keep_routes:  # routes[t, layer] = the experts chosen when position t was fed (-1: never fed)
+                config = self.model.config
+                unfed = torch.full((1, config.num_hidden_layers, config.num_experts_per_tok), -1, dtype=torch.int16,
+                                   device=device)  # fmt: skip
+                rows = torch.tensor(route_index, dtype=torch.long)
+                rows.masked_fill_(rows < 0, state.num_routes)
+                token_fields["routes"] = torch.cat([*state.routes, unfed])[rows.to(device)]
             return RolloutBatch(
                 tokens=torch.tensor(tokens, dtype=torch.long).to(device), cu_seqlens=cu.to(device),
                 loss_mask=sampled.to(device), sampler_logprobs=pool[flat.to(device)],
                 **{k: torch.tensor(v, dtype=dtypes.get(k, torch.long)).to(device) for k, v in per_seq.items()},
-                errors=errors,
+                errors=errors, token_fields=token_fields,
             )  # fmt: skip
 
     # ---- the cache and the graphs across rollouts --------------------------------------------------------------
@@ -409,7 +432,8 @@ class Engine:
         if self._graphs is None or self._graphs.cache is not cache:
             self._graphs = DecodeGraphs(self.model, cache, max_batch=self.max_num_seqs,
                                         capture=self.cuda_graphs and self.model.device.type == "cuda",
-                                        compile_backend=self.compile_backend, stats=self.stats)  # fmt: skip
+                                        compile_backend=self.compile_backend, stats=self.stats,
+                                        record_routes=self.record_routes)  # fmt: skip
         return self._graphs
 
     def _table_width(self, longest: int) -> int:
@@ -483,9 +507,12 @@ class Engine:
                      for p in range(s.pages.cached_len, s.pages.cached_len + n)]  # fmt: skip
         positions = to_device(positions, torch.long, device)
         step = CacheStep(cache, [s.pages for s in seqs], q_lens, fresh)
-        batch = PackedBatch(ids, step.cu_q_lens, step.max_q_len, positions, kv_cache=step)
+        recording = self.record_routes and self._stream is None  # (a stream keeps nothing)
+        route_log = [None] * self.model.config.num_hidden_layers if recording else None
+        batch = PackedBatch(ids, step.cu_q_lens, step.max_q_len, positions, kv_cache=step, route_log=route_log)
         hidden = self.model.forward_packed(batch)
         step.finish([s.pages for s in seqs], q_lens)
+        self._fed = (torch.stack(route_log, 1), q_lens) if recording else None  # see _keep_routes
         for s, n in zip(seqs, q_lens, strict=True):
             s.pending = s.pending[n:]
         ready = [k for k, s in enumerate(seqs) if not s.pending]
@@ -497,10 +524,12 @@ class Engine:
     def _prefill(self, groups: list[list[RunningSequence]], state: _Rollout) -> None:
         leaders = [g[0] for g in groups]
         logits = self._forward(leaders, fresh=True)
+        self._keep_routes(leaders, state)
         seqs, rows = [], []
         for row, group in enumerate(groups):
             for follower in group[1:]:
                 self._cache.copy_pages(group[0].pages, follower.pages)
+                follower.route_index = list(group[0].route_index)
             seqs.extend(group)
             rows.extend([row] * len(group))
         self._sample_and_route(seqs, logits[rows], state)
@@ -516,14 +545,30 @@ class Engine:
                                            width=state.width)  # fmt: skip
             stepped = {id(s) for s in seqs}
             state.running[:] = [s for s in state.running if id(s) not in stepped]
+            if state.keep_routes:
+                row = state.record_routes(graphs.last_routes)
+                for k, s in enumerate(seqs):
+                    s.route_index.append(row + k)
             self._route(seqs, tokens, logprobs, state)
             return
-        logits = self._forward(seqs, fresh=False)  # a tool result being appended, or no graphs
+        logits = self._forward(seqs, fresh=False)
+        self._keep_routes(seqs, state)  # a tool result being appended, or no graphs
         ready = [s for s in seqs if not s.pending]  # the rest are mid-way through a tool result
         if ready:
             done = {id(s) for s in ready}
             state.running[:] = [s for s in state.running if id(s) not in done]
             self._sample_and_route(ready, logits, state)
+
+    def _keep_routes(self, seqs: list[RunningSequence], state: _Rollout) -> None:
+        """Router replay: keep the experts the last ``_forward`` chose for every position it fed (per layer); each
+        sequence notes the rows of its positions."""
+        if not state.keep_routes or self._fed is None:
+            return
+        (routes, q_lens), self._fed = self._fed, None
+        row = state.record_routes(routes)
+        for s, n in zip(seqs, q_lens, strict=True):
+            s.route_index.extend(range(row, row + n))
+            row += n
 
     def _sample_and_route(self, seqs: list[RunningSequence], logits: torch.Tensor, state: _Rollout) -> None:
         """Sample every row with its own request's SamplingParams: rows are grouped by what the sampler reads

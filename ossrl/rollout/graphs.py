@@ -20,7 +20,12 @@ step (and, with capture simulated, the lifetime rules above).
 
 A graph cannot hold a step that reads GPU values on the host. ``capture_problem`` says when a bucket's step would
 (the MoE's loop path, e.g. fp32 on CUDA at larger batches; attention without its Triton kernel); such a bucket runs
-the same fixed-buffer step uncaptured, with one warning. So does a bucket whose capture CUDA refuses anyway.
+the same fixed-buffer step uncaptured, with one warning. So does a bucket whose capture CUDA refuses anyway, and
+every bucket in deterministic mode (``ossrl.deterministic()``: its kernels read lengths on the host); entries are
+kept per mode, so a step captured in one mode never replays in the other.
+
+With ``record_routes`` each step also keeps the experts its MoE layers chose (``last_routes`` [b, layers, k], router
+replay): the layers write them into the step's ``route_log``, which a captured graph's replays rewrite in place.
 
 ``compile_backend`` (``Engine(torch_compile=True)``) runs each such bucket's step through ``torch.compile`` first
 (static shapes, one compile per bucket; on CUDA the compiled step is what the graph captures), which fuses the
@@ -36,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ossrl.kernels import warn_once
+from ossrl.kernels import deterministic_enabled, warn_once
 from ossrl.kernels.decode_ref import triton_decode_problem
 from ossrl.kernels.moe import expert_path
 from ossrl.model.gpt_oss import GptOss, PackedBatch
@@ -56,6 +61,8 @@ def buckets(max_batch: int) -> list[int]:
 def capture_problem(model: GptOss, batch: int) -> str | None:
     """Why the decode step of ``batch`` rows cannot be captured in a CUDA graph (None: it can)."""
     config, device, dtype = model.config, model.device, model.dtype
+    if deterministic_enabled():
+        return "deterministic mode (its attention and MoE read lengths and expert counts on the host)"
     problem = triton_decode_problem(dtype, config.head_dim)
     if problem:
         return f"attention: {problem}"
@@ -99,6 +106,7 @@ class StaticDecodeStep(CacheStep):
         self._block, self._full, self._sliding = (t.numpy() for t in (self.host_block, self.host_full,
                                                                        self.host_sliding))  # fmt: skip
         self.rows: list[list] = [[None, 0, 0] for _ in range(batch)]  # per row: sequence, full / sliding pages written
+        self.route_log: list[torch.Tensor | None] | None = None  # a list: each layer's experts land here
         self.block = self.host_block.to(device)
         for i, name in enumerate(self.FIELDS):  # views of one device tensor: one copy fills them all
             setattr(self, name, self.block[i])
@@ -200,14 +208,17 @@ class DecodeGraphs:
         capture: bool,
         compile_backend: str | None = None,
         stats: dict[str, int] | None = None,
+        record_routes: bool = False,
     ) -> None:
         self.model, self.cache, self.capture = model, cache, capture
+        self.record_routes = record_routes  # keep each step's experts per layer in ``last_routes`` [b, layers, k]
+        self.last_routes: torch.Tensor | None = None
         self.compiled = None if compile_backend is None else torch.compile(self._run, backend=compile_backend,
                                                                            dynamic=False)  # fmt: skip
         self.sizes = buckets(max_batch)
         self.steps: dict[tuple[int, int], StaticDecodeStep] = {}  # (bucket, width) -> buffers, shared by samplings
-        self.entries: dict[tuple[int, int, tuple], _Entry] = {}  # (bucket, width, sampling_key) -> step to run
-        self.used: set[tuple[int, int, tuple]] = set()  # keys stepped since ``begin``
+        self.entries: dict[tuple, _Entry] = {}  # (bucket, width, sampling_key, deterministic) -> step to run
+        self.used: set[tuple] = set()  # keys stepped since ``begin``
         self.stats = stats if stats is not None else {}
         self.stats.setdefault("graph_captures", 0)
         self.pool = None  # one CUDA memory pool shared by all the graphs (they never run concurrently)
@@ -229,12 +240,12 @@ class DecodeGraphs:
         return batch <= self.sizes[-1]
 
     def _run(self, step: StaticDecodeStep, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-        packed = PackedBatch(step.ids, step.cu_q_lens, 1, step.positions, kv_cache=step)
+        packed = PackedBatch(step.ids, step.cu_q_lens, 1, step.positions, kv_cache=step, route_log=step.route_log)
         logits = self.model.lm_head(self.model.forward_packed(packed)).float()
         return sample_tokens(logits, sampling, step.seeds, step.sample_positions)
 
     def _entry(self, bucket: int, width: int, sampling: SamplingParams) -> _Entry:
-        key = (bucket, width, sampling_key(sampling))
+        key = self._key(bucket, width, sampling)
         entry = self.entries.get(key)
         if entry is not None:
             if entry.graph is not None and entry.cache_ptrs != self.cache.ptrs:  # baked-in addresses went stale
@@ -243,6 +254,8 @@ class DecodeGraphs:
         step = self.steps.get((bucket, width))
         if step is None:
             step = self.steps[(bucket, width)] = StaticDecodeStep(self.cache, bucket, width)
+            if self.record_routes:
+                step.route_log = [None] * self.model.config.num_hidden_layers
         problem = capture_problem(self.model, bucket) if self.capture or self.compiled else None
         if problem:  # what a graph cannot capture, a compile would specialize on (a recompile per step)
             warn_once("decode_graphs", f"CUDA graphs / torch.compile: decode steps of {bucket}+ sequences run "
@@ -305,7 +318,7 @@ class DecodeGraphs:
         b = len(pages)
         bucket = next(size for size in self.sizes if size >= b)
         entry = self._entry(bucket, width, sampling)
-        self.used.add((bucket, width, sampling_key(sampling)))
+        self.used.add(self._key(bucket, width, sampling))
         entry.step.load(pages, ids, seeds, sample_positions)
         if entry.graph is not None:
             entry.graph.replay()
@@ -314,7 +327,15 @@ class DecodeGraphs:
             tokens, logprobs = entry.run(entry.step)
             logprobs = logprobs[:b]
         entry.step.finish(pages, [1] * b)
+        if self.record_routes:  # what the step's MoE layers chose (a replayed graph rewrote its outputs in place)
+            self.last_routes = torch.stack(entry.step.route_log, 1)[:b].clone()
         return tokens[:b].tolist(), logprobs
+
+    @staticmethod
+    def _key(bucket: int, width: int, sampling: SamplingParams) -> tuple:
+        """An entry's key: what its step bakes in, and the kernels' mode (a step captured or compiled in the fast mode
+        must not replay in deterministic mode)."""
+        return bucket, width, sampling_key(sampling), deterministic_enabled()
 
 
 def _recompile_limits(limit: int) -> dict[str, int]:

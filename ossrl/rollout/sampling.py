@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ossrl.kernels import batch_invariant, deterministic_enabled
+
 _M1 = -4658895280553007687  # 0xbf58476d1ce4e5b9 as int64: splitmix64 constants (wrapping int64 arithmetic)
 _M2 = -7723592293110705685  # 0x94d049bb133111eb
 _GOLDEN = -7046029254386353131  # 0x9e3779b97f4a7c15
@@ -104,13 +106,20 @@ def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float
 def sample_tokens(
     logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] -> (token ids [B], log-probs [B] under log_softmax(logits / T))."""
+    """logits [B, V] -> (token ids [B], log-probs [B] under log_softmax(logits / T)). In deterministic mode the
+    log-prob is ``batch_invariant.token_logprobs``: the trainer's arithmetic, bit for bit."""
     logits = logits.float()
     if params.temperature == 0:
         tokens = logits.argmax(dim=-1)
-        return tokens, torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(1)
+        return tokens, _logprobs(logits, tokens)
     scaled = logits / params.temperature
     allowed = truncate_logits(scaled, params.top_k, params.top_p, params.min_p)
     gumbel = -torch.log(-torch.log(uniform_noise(seeds, positions, logits.shape[-1])))
     tokens = (allowed.double() + gumbel).argmax(dim=-1)
-    return tokens, torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None]).squeeze(1)
+    return tokens, _logprobs(scaled, tokens)
+
+
+def _logprobs(scaled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    if deterministic_enabled():
+        return batch_invariant.token_logprobs(scaled, tokens)
+    return torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None]).squeeze(1)

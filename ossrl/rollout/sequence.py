@@ -22,6 +22,7 @@ class RunningSequence:
     pending: list[int] = field(default_factory=list)  # to feed next: the prompt, the last sampled token, a tool result
     new: list[int] = field(default_factory=list)
     logprob_index: list[int] = field(default_factory=list)
+    route_index: list[int] = field(default_factory=list)  # per position fed so far: row of its experts (router replay)
     turn_start: int = 0  # index in `new` where the current assistant turn begins
     sampled: int = 0
     tool_calls: int = 0

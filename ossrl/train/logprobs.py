@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ossrl.kernels import batch_invariant, deterministic_enabled
 from ossrl.train.batching import pack_sequences
 
 
@@ -19,6 +20,8 @@ def _chunk_logprobs(
     head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     logits = head(hidden).float() / temperature
+    if deterministic_enabled():  # the sampler's arithmetic (ossrl.rollout.sampling), bit for bit
+        return batch_invariant.token_logprobs_and_entropy(logits, targets)
     lse = torch.logsumexp(logits, dim=-1)
     logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
     probs = torch.softmax(logits, dim=-1)
@@ -62,9 +65,12 @@ def packed_logprobs(
     *,
     temperature: float = 1.0,
     chunk_size: int = 2048,
+    routes: torch.Tensor | None = None,
+    route_log: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One packed forward over ``tokens`` [T] (sequences at ``cu_seqlens``); log-probs and entropies [M] of the
-    tokens where ``targets`` [T] (bool) is set, in order. A target may not be the first token of its sequence."""
+    tokens where ``targets`` [T] (bool) is set, in order. A target may not be the first token of its sequence.
+    ``routes`` [T, layers, k] (router replay) and ``route_log`` go to the model (``GptOss.hidden_states``)."""
     if targets.shape != tokens.shape or targets.dtype != torch.bool:
         raise ValueError(f"targets must be a bool [T] tensor like tokens {tuple(tokens.shape)}; got "
                          f"{targets.dtype} {tuple(targets.shape)}")  # fmt: skip
@@ -73,7 +79,10 @@ def packed_logprobs(
     if bool((targets & starts).any()):
         raise ValueError("a target token is the first of its sequence: nothing predicts it")
     index = targets.nonzero().squeeze(1)
-    hidden = model.hidden_states(tokens, cu_seqlens=cu_seqlens)
+    if routes is None and route_log is None:
+        hidden = model.hidden_states(tokens, cu_seqlens=cu_seqlens)
+    else:
+        hidden = model.hidden_states(tokens, cu_seqlens=cu_seqlens, routes=routes, route_log=route_log)
     return token_logprobs(model.lm_head, hidden[index - 1], tokens[index], temperature=temperature,
                           chunk_size=chunk_size)  # fmt: skip
 

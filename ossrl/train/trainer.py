@@ -5,10 +5,12 @@ functions of ``ossrl.rl``. One engine serves the whole run: its KV cache is hand
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import torch
 
 from ossrl import rl
 from ossrl.config import TrainConfig
+from ossrl.determinism import deterministic
 from ossrl.model.lora import LoraConfig, apply_lora, lora_parameters
 from ossrl.rollout import Engine, Request, SamplingParams
 from ossrl.rollout.batch import ERROR, FINISH_REASONS, RolloutBatch
@@ -30,6 +33,7 @@ from ossrl.train.warm_start import load_starting_point
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 SAMPLES_PER_STEP = 4  # sequences of each step written to RUN_DIR/samples.jsonl
+log = logging.getLogger(__name__)
 
 
 class RewardFailure(RuntimeError):
@@ -171,7 +175,24 @@ class Trainer:
             return pack_sequences([], [], device=self.device), torch.zeros(0), {}, metrics
         return RolloutBatch.cat(parts), torch.cat(rewards), values, metrics
 
+    def _kernels(self):
+        """The kernels' mode for this run's model work: ``deterministic: true`` runs rollouts, evaluations and
+        updates inside ``ossrl.deterministic()`` (set around each call, so nothing else in the process changes)."""
+        return deterministic() if self.config.deterministic else nullcontext()
+
     def train_step(self) -> dict[str, float]:
+        with self._kernels():
+            metrics = self._train_step()
+        gap = metrics.get("mismatch/max_abs_diff", 0.0)
+        if self.config.deterministic and gap != 0 and not getattr(self, "_warned_mismatch", False):
+            self._warned_mismatch = True  # once per run
+            log.warning("deterministic mode: the trainer's log-probs differ from the sampler's "
+                        "(mismatch/max_abs_diff = %.3g at step %d; expected 0): something in the run is not "
+                        "batch-invariant (LoRA dropout changes the training forward; a model or kernel outside "
+                        "ossrl's)", gap, self.step + 1)  # fmt: skip
+        return metrics
+
+    def _train_step(self) -> dict[str, float]:
         cfg, algo = self.config, self.config.algorithm
         batch, rewards, reward_values, metrics = self.rollout()
         self.engine.release_memory()  # the KV cache's memory is the update's until the next rollout
@@ -188,7 +209,7 @@ class Trainer:
         temperature, max_len = cfg.rollout.temperature, cfg.rollout.max_new_tokens
         if algo.updates_per_batch > 1:
             self.model.eval()
-            fill_old_logprobs(self.model, micro, temperature)
+            fill_old_logprobs(self.model, micro, temperature, replay=algo.router_replay)
         self.model.train()
         for update in range(algo.updates_per_batch):
             self.optimizer.zero_grad(set_to_none=True)
@@ -199,7 +220,7 @@ class Trainer:
                 for name, (value, counts) in parts.items():
                     reducer.add(name, value, counts)
             if update == 0:
-                first = {k: v for k, v in reducer.result().items() if k.startswith("mismatch/")}
+                first = {k: v for k, v in reducer.result().items() if k.startswith(("mismatch/", "router/"))}
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.max_grad_norm)
             if not torch.isfinite(grad_norm) or not math.isfinite(reducer.result().get("loss", 0.0)):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -277,8 +298,9 @@ class Trainer:
     # ---- evaluation and checkpoints ----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
         split = "eval" if "eval" in self.task.splits else "test"
-        return evaluate(self.model, self.tokenizer, self.task, split=split, limit=self.config.task.eval_limit,
-                        sampling=self.sampling(0, eval_mode=True), engine=self.engine)  # fmt: skip
+        with self._kernels():
+            return evaluate(self.model, self.tokenizer, self.task, split=split, limit=self.config.task.eval_limit,
+                            sampling=self.sampling(0, eval_mode=True), engine=self.engine)  # fmt: skip
 
     def save(self, directory: Path, run_id: str | None = None) -> None:
         save_training_state(self, directory, run_id)

@@ -5,6 +5,12 @@ do not depend on how the batch was cut.
 Everything stays on the packed layout of ``ossrl.rollout.batch.RolloutBatch``: log-probs are computed only for the
 sampled tokens ([M], with ``seq_index``), and the ``ossrl.rl`` functions take that layout directly.
 
+Router replay (``algorithm.router_replay``): the engine records, for every position it fed, the experts each MoE layer
+chose (``token_fields["routes"]``); the training forwards (loss, old and reference log-probs) then use those experts
+with gates recomputed from the current router logits. Whether or not it replays, the first update reports
+``router/route_mismatch_frac``: the fraction of (fed position, layer) pairs whose router, in the training forward,
+chose another set of experts than the engine's.
+
 Importance sampling against the sampler: the weights compare the sampler's log-probs with those of the policy
 that sampled (the trainer's log-probs *before* this batch's first update). With ``updates_per_batch=1`` that is
 the current forward, detached; with more updates it is a no-grad pass taken before the first one (``old``), so
@@ -49,6 +55,7 @@ METRIC_REDUCTIONS: dict[str, tuple[str, ...]] = {
     "mismatch/kl_k3": SAMPLED_TOKENS,
     "mismatch/tis_capped_frac": SAMPLED_TOKENS,
     "mismatch/seq_masked_frac": SAMPLED_SEQS,
+    "router/route_mismatch_frac": ("mean", "routed"),  # over (fed position, layer) pairs with recorded routes
 }
 GSPO_SEQUENCE_METRICS = ("clip_frac_low", "clip_frac_high", "ratio_mean")
 
@@ -117,24 +124,43 @@ class MicroBatch:
         return b.sampler_logprobs[b.loss_mask], b.seq_index[b.loss_mask]
 
 
-def forward_logprobs(model, mb: MicroBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_logprobs(
+    model, mb: MicroBatch, temperature: float, *, replay: bool = False, route_log: list | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropies [M] of the micro-batch's sampled tokens. ``replay``: with the experts the engine
+    recorded (when the batch has them); ``route_log`` receives the router's own choices, per layer."""
     b = mb.batch
-    return packed_logprobs(model, b.tokens, b.cu_seqlens, b.loss_mask, temperature=temperature)
+    routes = b.token_fields.get("routes") if replay else None
+    return packed_logprobs(model, b.tokens, b.cu_seqlens, b.loss_mask, temperature=temperature, routes=routes,
+                           route_log=route_log)  # fmt: skip
+
+
+def route_mismatch(route_log: list[torch.Tensor], recorded: torch.Tensor) -> tuple[float, float]:
+    """(fraction of the (position, layer) pairs with recorded routes whose expert SET the forward's router chose
+    differently, number of such pairs)."""
+    chosen = torch.stack(route_log, 1).sort(-1).values
+    recorded = recorded.long()
+    fed = (recorded >= 0).all(-1)
+    differ = (chosen != recorded.sort(-1).values).any(-1) & fed
+    count = float(fed.sum())
+    return float(differ.sum()) / max(count, 1.0), count
 
 
 @torch.no_grad()
-def fill_old_logprobs(model, micro: list[MicroBatch], temperature: float) -> None:
+def fill_old_logprobs(model, micro: list[MicroBatch], temperature: float, replay: bool = False) -> None:
     """The log-probs of the policy that sampled, before any update (needed when updates_per_batch > 1)."""
     for mb in micro:
-        mb.old, _ = forward_logprobs(model, mb, temperature)
+        mb.old, _ = forward_logprobs(model, mb, temperature, replay=replay)
 
 
 def micro_batch_loss(
     model, mb: MicroBatch, algo: AlgorithmSettings, *, temperature: float, max_len: int, norm: float, first: bool
 ) -> dict[str, tuple[float, dict[str, float]]]:
     """Forward + backward of one micro-batch. Returns metric -> (value, counts for its reduction). ``first``: the
-    batch's first update (the sampler/trainer mismatch is reported there)."""
-    lp, entropy = forward_logprobs(model, mb, temperature)
+    batch's first update (the sampler/trainer mismatch and the route mismatch are reported there)."""
+    recorded = mb.batch.token_fields.get("routes")
+    route_log = [None] * recorded.shape[1] if first and recorded is not None and recorded.numel() else None
+    lp, entropy = forward_logprobs(model, mb, temperature, replay=algo.router_replay, route_log=route_log)
     if lp.numel() == 0:  # nothing sampled here (the trainer drops such sequences): no loss, no gradient
         return {}
     sampler, seq_index = mb.sampled()
@@ -154,6 +180,9 @@ def micro_batch_loss(
                                        **layout)  # fmt: skip
         for key, value in mismatch.items():
             out[f"mismatch/{key}"] = (float(value), sampled_counts)
+        if route_log is not None:
+            frac, routed = route_mismatch(route_log, recorded)
+            out["router/route_mismatch_frac"] = (frac, {"routed": routed})
     counts = {"tokens": float(mask.sum()), "seqs": float(seq_index[mask].unique().numel()), **sampled_counts}
     old = lp.detach() if mb.old is None else mb.old
     kwargs: dict = {"agg": algo.agg, "max_len": max_len, "normalizer": norm, "is_weights": is_weights, **layout}
@@ -170,7 +199,7 @@ def micro_batch_loss(
     if algo.kl_coef > 0:
         if mb.ref is None:
             with torch.no_grad(), disabled_lora(model):
-                mb.ref, _ = forward_logprobs(model, mb, temperature)
+                mb.ref, _ = forward_logprobs(model, mb, temperature, replay=algo.router_replay)
         kl = rl.kl_loss(lp, mb.ref, mask, kind=algo.kl_kind, **agg)
         loss = loss + algo.kl_coef * kl
         out["kl"] = (float(kl.detach()), counts)
