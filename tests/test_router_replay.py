@@ -117,3 +117,48 @@ def test_the_trainer_replays_routes_and_reports_how_often_they_differ(monkeypatc
     metrics = Trainer(load_config(None, [*BASE, *options])).train_step()
     assert 0.0 <= metrics["router/route_mismatch_frac"] <= 1.0
     assert given and all(g == replay for g in given)  # old, reference and loss forwards alike
+
+
+class ReplayedGraph:
+    """A captured decode graph's contract on CPU: a replay reruns the step and writes every output into the tensors
+    the capture returned (tokens, log-probs, and the route tensors the step's layers wrote), which stay put."""
+
+    def __init__(self, step, run) -> None:
+        self.step, self.run = step, run
+        self.tokens, self.logprobs = run(step)
+        self.routes = list(step.route_log)
+
+    def replay(self) -> None:
+        untouched = list(self.step.route_log)  # a real replay never touches Python objects
+        tokens, logprobs = self.run(self.step)
+        self.tokens.copy_(tokens)
+        self.logprobs.copy_(logprobs)
+        for kept, new in zip(self.routes, self.step.route_log, strict=True):
+            kept.copy_(new)
+        self.step.route_log[:] = untouched
+
+
+def test_a_replayed_decode_graph_records_the_routes_it_computed(tiny, monkeypatch):
+    """Decode graphs of one bucket share their step's buffers across sampling params: each graph's routes are the
+    tensors its own capture wrote, whatever another graph of the bucket ran since (capture simulated on CPU)."""
+    from ossrl.rollout import graphs
+
+    model, tokenizer = tiny
+    requests = [Request(p) for p in prompts(3)]
+    first, second = SAMPLING, SamplingParams(temperature=0.7, max_new_tokens=8, stop_token_ids=[], seed=2)
+    want = Engine(model, tokenizer, kv_cache_tokens=1024, page_size=4, max_num_seqs=3, cuda_graphs=True)
+    want = [want.rollout(requests, s).token_fields["routes"] for s in (first, second, first)]
+    init = graphs.DecodeGraphs.__init__
+    monkeypatch.setattr(graphs.DecodeGraphs, "__init__", lambda self, *a, **k: init(self, *a, **{**k, "capture": True}))
+    monkeypatch.setattr(graphs.DecodeGraphs, "_warm_up", lambda self, step, run: run(step))
+
+    def record(self, step, run):
+        graph = ReplayedGraph(step, run)
+        return graph, graph.tokens, graph.logprobs
+
+    monkeypatch.setattr(graphs.DecodeGraphs, "_record", record)
+    engine = Engine(model, tokenizer, kv_cache_tokens=1024, page_size=4, max_num_seqs=3, cuda_graphs=True)
+    got = [engine.rollout(requests, s).token_fields["routes"] for s in (first, second, first)]
+    assert engine.stats["graph_captures"] == 2 and engine.graph_buckets == {3: True}
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)

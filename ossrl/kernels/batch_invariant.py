@@ -212,19 +212,19 @@ def _attend(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, sinks: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """The one attention reduction every path runs. q [R, Hq, D]; keys/values [R, NB * KV_BLOCK, Hkv, D]: query r's
-    keys from the first position of the block holding its first visible key, in position order; visible [R, L].
-    Returns [R, Hq, D] fp32. Row r's result depends on row r only (trailing all-invisible blocks add exact zeros)."""
+    keys from the first position of the block holding its first visible key, in position order, ZERO where it does
+    not see them (the callers gather so); visible [R, L]. Returns [R, Hq, D] fp32. Row r's result depends on row r
+    only (trailing all-invisible blocks add exact zeros)."""
     r, hq, d = q.shape
     length, hkv = keys.shape[1], keys.shape[2]
     g, nb = hq // hkv, keys.shape[1] // KV_BLOCK
-    seen = visible.view(r, length, 1, 1)
-    kf = torch.where(seen, keys.float(), 0.0).permute(0, 2, 1, 3).contiguous().unsqueeze(2)  # [R, Hkv, 1, L, D]
+    kf = keys.float().permute(0, 2, 1, 3).contiguous().unsqueeze(2)  # [R, Hkv, 1, L, D]
     scores = (q.float().reshape(r, hkv, g, 1, d) * kf).sum(-1) * scale  # [R, Hkv, G, L]: a length-D row each
     scores = scores.masked_fill(~visible.view(r, 1, 1, length), float("-inf"))
     sink = sinks.float().view(1, hkv, g)
     m = torch.maximum(scores.amax(-1), sink).detach()  # exact: no order
     p = torch.exp(scores - m.unsqueeze(-1)).view(r, hkv, g, nb, KV_BLOCK)
-    vt = torch.where(seen, values.float(), 0.0).view(r, nb, KV_BLOCK, hkv, d).permute(0, 3, 1, 4, 2).contiguous()
+    vt = values.float().view(r, nb, KV_BLOCK, hkv, d).permute(0, 3, 1, 4, 2).contiguous()  # [R, Hkv, NB, D, KB]
     block_l = p.sum(-1)  # [R, Hkv, G, NB]
     block_o = (p.unsqueeze(-2) * vt.unsqueeze(2)).sum(-1)  # [R, Hkv, G, NB, D]: a length-KV_BLOCK row each
     total = torch.exp(sink - m) + block_l[..., 0]
@@ -263,14 +263,19 @@ def sink_attention(
     cu = cu_seqlens.long()
     lengths = cu.diff()
     seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=q.device), lengths, output_size=t)
-    start, last = cu[:-1][seq], cu[1:][seq] - 1
+    start = cu[:-1][seq]
     pos = torch.arange(t, device=q.device) - start
+    hkv = k.shape[1]
+    zero = k.new_zeros(1, hkv, d)
+    kz, vz = torch.cat([k, zero]), torch.cat([v, zero])  # row t: zeros, where every invisible key is read from
     outs = []
     for r0 in range(0, t, QUERY_CHUNK):
         rows = slice(r0, min(r0 + QUERY_CHUNK, t))
         keys, visible = _key_positions(pos[rows], window)
-        slots = torch.minimum(start[rows].unsqueeze(1) + keys, last[rows].unsqueeze(1))  # invisible: any own row
-        outs.append(_attend(q[rows], k[slots], v[slots], visible, sinks, scale))
+        slots = torch.where(visible, start[rows].unsqueeze(1) + keys, t).view(-1)
+        shape = (*visible.shape, hkv, d)  # index_select: its backward is an index_add (fast), not an index_put
+        outs.append(_attend(q[rows], kz.index_select(0, slots).view(shape), vz.index_select(0, slots).view(shape),
+                            visible, sinks, scale))  # fmt: skip
     return torch.cat(outs).to(q.dtype) if outs else q.new_zeros(q.shape)
 
 
@@ -308,6 +313,8 @@ def paged_decode_attention(
         rows = slice(r0, min(r0 + QUERY_CHUNK, n))
         keys, visible = _key_positions(pos[rows], window)
         pages = page_table[seq[rows].unsqueeze(1), (keys // page_size).clamp(max=width - 1)].long()
-        slots = pages * page_size + keys % page_size  # invisible positions: any page in range (zeroed in _attend)
-        outs.append(_attend(q[rows], flat_k[slots], flat_v[slots], visible, sinks, scale))
+        slots = pages * page_size + keys % page_size  # invisible positions: any page in range, zeroed here
+        seen = visible.view(*visible.shape, 1, 1)
+        keys_, values = torch.where(seen, flat_k[slots], 0.0), torch.where(seen, flat_v[slots], 0.0)
+        outs.append(_attend(q[rows], keys_, values, visible, sinks, scale))
     return torch.cat(outs).to(q.dtype)

@@ -191,6 +191,7 @@ class _Entry:
     logprobs: torch.Tensor
     graph: Any = None  # torch.cuda.CUDAGraph when captured
     cache_ptrs: tuple[int, ...] = ()  # the cache's tensor addresses the graph was captured with
+    routes: list[torch.Tensor] | None = None  # the experts per layer each replay writes (captured, record_routes)
 
 
 class DecodeGraphs:
@@ -279,6 +280,8 @@ class DecodeGraphs:
         try:
             entry.graph, entry.tokens, entry.logprobs = self._record(entry.step, entry.run)
             entry.cache_ptrs = self.cache.ptrs
+            # the route tensors the capture wrote: the step's list is shared with other entries and is rewritten
+            entry.routes = None if entry.step.route_log is None else list(entry.step.route_log)
             self.stats["graph_captures"] += 1
         except RuntimeError as error:  # an op CUDA refuses in a graph that capture_problem does not know
             warn_once(f"decode_graphs_capture_{entry.step.batch}", f"CUDA graphs: capturing the decode step of "
@@ -323,12 +326,14 @@ class DecodeGraphs:
         if entry.graph is not None:
             entry.graph.replay()
             tokens, logprobs = entry.tokens, entry.logprobs[:b].clone()  # the graph rewrites its output next step
+            routes = entry.routes  # rewritten in place by the replay
         else:
             tokens, logprobs = entry.run(entry.step)
             logprobs = logprobs[:b]
+            routes = entry.step.route_log
         entry.step.finish(pages, [1] * b)
-        if self.record_routes:  # what the step's MoE layers chose (a replayed graph rewrote its outputs in place)
-            self.last_routes = torch.stack(entry.step.route_log, 1)[:b].clone()
+        if self.record_routes:  # what the step's MoE layers chose
+            self.last_routes = torch.stack(routes, 1)[:b].clone()
         return tokens[:b].tolist(), logprobs
 
     @staticmethod
