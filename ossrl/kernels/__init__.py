@@ -79,8 +79,12 @@ def sink_attention(
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T + bias (``F.linear``); batch-invariant (one row at a time) in deterministic mode."""
+    """x @ weight^T + bias (``F.linear``); batch-invariant (fixed-shape row blocks) in deterministic mode."""
     if deterministic_enabled():
+        if x.is_cuda:
+            warn_once("deterministic_cuda", "deterministic mode on CUDA runs the batch-invariant PyTorch code of "
+                      "ossrl.kernels.batch_invariant (no Triton kernels yet); it is not yet tested or measured on a "
+                      "GPU")  # fmt: skip
         return batch_invariant.linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
