@@ -12,8 +12,9 @@ batch-invariant was measured on CPU (``tests/test_deterministic*.py`` check ever
   [ROW_BLOCK, K'] x [K', N'] GEMM of that single shape, in fp32 (bf16/fp16 inputs upcast exactly, fp32 accumulation,
   the output rounded once). A BLAS call chooses its kernel, and so its reduction order, by the shape: on CPU an
   [M, K] product with M = 1 is a GEMV that differs from M > 1 in the last bits, and odd K/N take small-matrix paths
-  where a row's result depends on its place in the block; a batched matmul with a shared weight is folded into one
-  GEMM by M. One fixed, regular shape per weight leaves the row count nothing to change: no split-K whatever M is.
+  where a row's result depends on its place in the block; a batched matmul of [1, K] rows against one shared weight
+  also changes with the batch size for some shapes (measured). One fixed, regular shape per weight leaves the row
+  count nothing to change: no split-K whatever M is (and, measured, the same bits with 1 or 2 threads).
 - MoE (``moe_experts``): rows sorted by expert, each expert's rows through ``linear`` (the same path for 1 row or
   10,000; no gathered/grouped switch by batch size), LoRA the same way, SwiGLU elementwise, and the k expert outputs
   summed in slot order.
