@@ -189,16 +189,24 @@ def test_broken_submissions():
     assert ev.runs and not ev.correct
 
 
-def test_correct_submissions_and_speed():
-    task = get_task("matmul", size=64, rounds=2, repeats=3, workers=1)  # big enough that noise cannot hide 1.2x
+def test_correct_submissions_are_graded_and_timed():
+    task = get_task("matmul", size=24, rounds=2, repeats=3, workers=1)
     naive, fast = f"```python\n{NAIVE}```", f"Sure.\n\n```python\n{FAST}```\nIt transposes B once."
     out = task.score([{"id": 0}, {"id": 1}], [naive, fast])
     assert out.values["parses"] == out.values["runs"] == out.values["correct"] == [1.0, 1.0]
     assert out.values["clean"] == [0.0, 0.0]
+    ev_fast = task.evaluate(task.parse(fast))
+    assert ev_fast.speedup > 0 and len(ev_fast.times_s) == len(ev_fast.baseline_times_s) == 6  # rounds x repeats
+
+
+@pytest.mark.slow  # a speed ratio: other load on the machine (a busy CI runner) can squeeze it; run with -m slow
+def test_faster_submission_earns_a_speedup():
+    task = get_task("matmul", size=64, rounds=2, repeats=3, workers=1)  # big enough that noise cannot hide 1.2x
+    naive, fast = f"```python\n{NAIVE}```", f"```python\n{FAST}```"
+    out = task.score([{"id": 0}, {"id": 1}], [naive, fast])
     ev_naive, ev_fast = (task.evaluate(task.parse(c)) for c in (naive, fast))
     assert 0.5 < ev_naive.speedup < 1.6  # the baseline against itself
     assert ev_fast.speedup > 1.2 and out.values["fast"][1] > 0.0
-    assert len(ev_fast.times_s) == len(ev_fast.baseline_times_s) == 6  # rounds x repeats
 
 
 T_LOOP = """def matmul(A, B):
