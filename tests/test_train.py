@@ -87,6 +87,9 @@ def test_killed_and_resumed_run_gives_the_same_metrics(tmp_path, monkeypatch):
     straight, resumed = run_metrics(tmp_path / "straight"), run_metrics(tmp_path / "killed")
     assert [r["step"] for r in resumed] == [1, 2, 3]
     assert straight == resumed
+    samples = {name: [json.loads(line) for line in (tmp_path / name / "samples.jsonl").read_text().splitlines()]
+               for name in ("straight", "killed")}  # fmt: skip
+    assert samples["straight"] == samples["killed"]  # the killed run's samples after its checkpoint were dropped
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert "accuracy" in summary["eval_before"] and "accuracy" in summary["eval_after"]
     assert (tmp_path / "killed" / "report.png").stat().st_size > 1000

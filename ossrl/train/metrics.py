@@ -83,6 +83,28 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def truncate_jsonl(path: Path, step: int) -> int:
+    """Keep the lines of a per-step JSONL file (metrics, samples) with ``step <= step``; a line cut short by a kill
+    goes too. Rewritten atomically; returns how many lines were dropped (0 when there is no file)."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                ok = json.loads(line)["step"] <= step
+            except (json.JSONDecodeError, KeyError, TypeError):
+                ok = False
+            if ok:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return dropped
+
+
 def progress_columns() -> list[Any]:
     """The live bar's columns: a 10-cell bar, the step, elapsed time and ETA, then the stats, which ``fit_stats``
     cuts to the terminal's width so that a narrow terminal loses stats, never the step or the ETA."""
@@ -259,20 +281,7 @@ class RunLogger:
         self._check_open()
         path = self.run_dir / METRICS_FILE
         self._metrics.close()
-        kept, dropped = [], 0
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    ok = json.loads(line)["step"] <= step
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    ok = False  # a line cut short by the kill
-                if ok:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-                else:
-                    dropped += 1
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
+        dropped = truncate_jsonl(path, step)
         self._metrics = open(path, "a", encoding="utf-8")
         # TensorBoard discards earlier points with global_step >= purge_step when it sees the new writer's start.
         if self._tb is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ossrl.config import TrainConfig
-from ossrl.train.metrics import RunLogger
+from ossrl.train.metrics import RunLogger, truncate_jsonl
 from ossrl.train.report import write_report, write_summary
 from ossrl.train.state import checkpoint_dirs, verify_checkpoint
 from ossrl.train.trainer import Trainer
@@ -41,7 +41,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         if resume_from is not None:
             trainer.resume_from(resume_from)
             logger.truncate_after(trainer.step)
-            _truncate_samples(run_dir / SAMPLES_FILE, trainer.step)
+            truncate_jsonl(run_dir / SAMPLES_FILE, trainer.step)
             logger.log_event(f"resumed from {resume_from} at step {trainer.step}")
             eval_before = json.loads(eval_file.read_text()) if eval_file.exists() else None
         else:
@@ -120,20 +120,6 @@ def _last_good_checkpoint(run_dir: Path, run_id: str, notes: list[str]) -> Path 
         notes.append("resume: no complete checkpoint; starting from step 0")
         log.warning("resume: no complete checkpoint in %s; starting from step 0", run_dir / "checkpoints")
     return found
-
-
-def _truncate_samples(path: Path, step: int) -> None:
-    """Keep the samples of steps up to ``step`` (a resume redoes the later ones); a cut last line goes too."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    path.write_text("".join(kept))
 
 
 def run_settings(run_dir: str | Path) -> dict[str, Any]:
