@@ -166,13 +166,15 @@ class Experts(nn.Module):
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
         self.register_module("gate_up_lora", None)
         self.register_module("down_lora", None)
+        # Tokens per MoE chunk (None: all at once); over long sequences each chunk is checkpointed (``moe_experts``).
+        self.chunk_tokens: int | None = None
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
         return moe_experts(
             x, expert_ids, expert_weights, self.gate_up_proj, self.gate_up_proj_bias,
             self.down_proj, self.down_proj_bias, alpha=self.alpha, limit=self.limit,
             gate_up_lora=self.gate_up_lora.factors() if _lora_on(self.gate_up_lora) else None,
-            down_lora=self.down_lora.factors() if _lora_on(self.down_lora) else None,
+            down_lora=self.down_lora.factors() if _lora_on(self.down_lora) else None, chunk_tokens=self.chunk_tokens,
         )  # fmt: skip
 
 
