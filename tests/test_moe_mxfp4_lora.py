@@ -1,7 +1,7 @@
-"""The in-register MXFP4 kernel has no backward, so ``moe_experts`` decides for each of the two expert GEMMs from its
-own input whether the kernel may run: with a LoRA on gate_up_proj only, gate_up's frozen input takes the kernel while
-down_proj, whose input carries the LoRA's gradient, dequantizes. The kernel runs in Triton's interpreter on CPU in
-fp32 (TRITON_INTERPRET=1, set in conftest) with the CUDA-only gates opened; gradients equal a dense reference."""
+"""MXFP4 experts stay packed through training: every expert GEMM takes the in-register kernel, and a GEMM whose input
+needs a gradient runs the dX kernel in the backward (dX = dY @ W_e); one whose input is frozen runs none. The
+kernels run in Triton's interpreter on CPU in fp32 (TRITON_INTERPRET=1, set in conftest) with the CUDA-only gates
+opened; logits and LoRA gradients equal a dense reference."""
 
 import copy
 from contextlib import contextmanager
@@ -59,56 +59,58 @@ def loss_and_grads(model):
 
 @contextmanager
 def kernel_on_cpu(monkeypatch):
-    """Open the kernel's CUDA-only gates (its self-check, the grouped GEMM that selects the sorted path); yields
-    the list that collects the (rows, in) shape of every GEMM the kernel runs."""
-    calls = []
-    triton_op = mxfp4_ref._triton_op
+    """Open the kernels' CUDA-only gates (their self-check, the grouped GEMM that selects the sorted path); yields
+    (forward calls, dX calls): the shape of the input (x or dY) of every GEMM each kernel runs."""
+    forward, backward = [], []
+    triton_op, triton_dx_op = mxfp4_ref._triton_op, mxfp4_ref._triton_dx_op
 
-    def spy(x, blocks, scales, counts):
-        calls.append(tuple(x.shape))
-        return triton_op(x, blocks, scales, counts)
+    def spy(op, calls):
+        return lambda x, *args: calls.append(tuple(x.shape)) or op(x, *args)
 
     with monkeypatch.context() as m:
         m.setattr(mxfp4_ref, "mxfp4_kernel_works", lambda device, dtype: True)  # as on CUDA after the self-check
         m.setattr(moe, "_grouped_mm_works", lambda device, dtype: True)  # as on CUDA in bf16
-        m.setattr(mxfp4_ref, "_triton_op", spy)
-        yield calls
+        m.setattr(mxfp4_ref, "_triton_op", spy(triton_op, forward))
+        m.setattr(mxfp4_ref, "_triton_dx_op", spy(triton_dx_op, backward))
+        yield forward, backward
 
 
 ROWS, H, I = TOKENS * SHAPES["num_experts_per_tok"], SHAPES["hidden_size"], SHAPES["intermediate_size"]
 
 
-def test_lora_on_gate_up_only_sends_down_proj_through_the_dequantizing_path(monkeypatch):
+def check_against_dense(model, dense, logits, grads):
+    want_logits, want = loss_and_grads(dense)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+    assert all(g.abs().max() > 0 for g in want)
+    for got, ref in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
+def test_lora_on_gate_up_only_runs_the_dx_kernel_where_a_gradient_reaches_the_gemm_input(monkeypatch):
     model, dense = models(("gate_up_proj",))
-    with kernel_on_cpu(monkeypatch) as calls:
+    with kernel_on_cpu(monkeypatch) as (forward, backward):
         logits, grads = loss_and_grads(model)
-    # Layer 0: x is frozen, so gate_up takes the kernel; h carries the LoRA's gradient, so down_proj does not.
-    # Layer 1: x already depends on layer 0's LoRA, so neither GEMM does.
-    assert calls == [(ROWS, H)]
-    want_logits, want = loss_and_grads(dense)
-    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
-    assert all(g.abs().max() > 0 for g in want)
-    for got, ref in zip(grads, want, strict=True):
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    assert forward == [(ROWS, H), (ROWS, I)] * 2  # every GEMM, with or without a gradient, stays packed
+    # Backward, last layer first: layer 1's down (dY [R, H]) and gate_up (its x depends on layer 0's LoRA), then
+    # layer 0's down (h carries the LoRA's gradient); layer 0's gate_up input is frozen: no dX.
+    assert backward == [(ROWS, H), (ROWS, 2 * I), (ROWS, H)]
+    check_against_dense(model, dense, logits, grads)
 
 
-def test_lora_on_down_only_lets_both_frozen_gemms_of_the_first_layer_take_the_kernel(monkeypatch):
+def test_lora_on_down_only_needs_no_dx_in_the_first_layer(monkeypatch):
     model, dense = models(("down_proj",))
-    with kernel_on_cpu(monkeypatch) as calls:
+    with kernel_on_cpu(monkeypatch) as (forward, backward):
         logits, grads = loss_and_grads(model)
-    assert calls == [(ROWS, H), (ROWS, I)]  # layer 0's h needs no gradient: the LoRA adds beside the GEMM
-    want_logits, want = loss_and_grads(dense)
-    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
-    assert all(g.abs().max() > 0 for g in want)
-    for got, ref in zip(grads, want, strict=True):
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    assert forward == [(ROWS, H), (ROWS, I)] * 2
+    assert backward == [(ROWS, H), (ROWS, 2 * I)]  # layer 0's h needs no gradient: the LoRA adds beside the GEMM
+    check_against_dense(model, dense, logits, grads)
 
 
 def test_no_grad_passes_send_every_gemm_through_the_kernel(monkeypatch):
     model, dense = models(("gate_up_proj", "down_proj"))
     ids = torch.arange(TOKENS)
-    with kernel_on_cpu(monkeypatch) as calls, torch.no_grad():
+    with kernel_on_cpu(monkeypatch) as (forward, backward), torch.no_grad():
         got = model(ids)
-    assert calls == [(ROWS, H), (ROWS, I)] * SHAPES["num_hidden_layers"]
+    assert forward == [(ROWS, H), (ROWS, I)] * SHAPES["num_hidden_layers"] and backward == []
     with torch.no_grad():
         torch.testing.assert_close(got, dense(ids), rtol=1e-5, atol=1e-5)

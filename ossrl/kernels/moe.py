@@ -3,17 +3,25 @@
 Tokens are sorted by expert and each expert multiplies one contiguous slice (a grouped GEMM), so no activation
 is ever copied once per expert. On CUDA with bf16/fp16 the slices go through ``torch._grouped_mm`` in a single
 launch; elsewhere a loop over the experts that were hit does the same math. Per-expert LoRA adapters ride on the
-same sorted activations and the same grouped GEMMs.
+same sorted activations and the same grouped GEMMs (they never need the base weight).
 
-An MXFP4 expert GEMM whose input needs no gradient goes through a Triton grouped GEMM that reads the packed
-weights and dequantizes in registers (``mxfp4_ref.mxfp4_grouped_matmul``), on CUDA in bf16/fp16 once its
-self-check has passed. The kernel has no backward, so this is decided for each of the two GEMMs from its own input:
-with a LoRA on ``gate_up_proj`` only and a frozen input (rollouts, no-grad passes, the first layer of an
-experts-only LoRA), gate_up takes the kernel while down_proj, whose input carries the LoRA's gradient, dequantizes.
-Otherwise decode-sized batches (fewer (token, expert) pairs than experts) take a third path when the weights are
-packed or there is no grouped GEMM: each pair gathers its own expert's weight (dequantizing only the chosen
-experts) and one batched matmul runs them all. It never reads group sizes on the host, so a CUDA graph can capture
-it; ``expert_path`` says which path a batch takes.
+MXFP4 expert weights stay packed through training: an MXFP4 expert GEMM goes through ``mxfp4_ref.
+mxfp4_grouped_matmul``, differentiable in its input (dX = dY @ W_e; frozen weights, no weight gradient), which
+saves nothing for the backward but the packed weights, so no dequantized copy of a layer is ever kept. On CUDA in
+bf16/fp16 (self-checked) its forward and dX are Triton kernels that dequantize in registers; elsewhere one expert is
+dequantized at a time. This is decided for each of the two GEMMs from its own input (``_grouped``): a GEMM whose
+input needs a gradient always takes the packed op; one that needs none takes it on rollout-sized batches and on the
+CPU loop, while large no-grad batches on CUDA (prefill) dequantize the layer once, transiently, for one
+``torch._grouped_mm`` (the kernel dequantizes a weight tile again for every block of rows). Decode-sized batches
+(fewer (token, expert) pairs than experts) take a third path when the weights are packed or there is no grouped
+GEMM: each pair gathers its own expert's weight (dequantizing only the chosen experts) and one batched matmul runs
+them all. It never reads group sizes on the host, so a CUDA graph can capture it; ``expert_path`` says which path a
+batch takes.
+
+Long sequences: ``moe_experts(..., chunk_tokens=C)`` runs the tokens C at a time, each chunk under non-reentrant
+activation checkpointing when autograd records, so a layer never holds the [tokens * k, 2 * intermediate]
+activations of all its tokens at once (forward, or the backward's recompute). Same results as unchunked, up to the
+summation order of the LoRA/bias gradients across chunks.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ossrl.kernels import batch_invariant, mxfp4_ref
 from ossrl.kernels.common import deterministic_enabled, warn_once
@@ -79,13 +88,14 @@ MXFP4_KERNEL_ROWS_PER_EXPERT = 64
 def expert_path(
     rows: int, num_experts: int, device: torch.device, dtype: torch.dtype, packed: bool, mxfp4_kernel: bool = False
 ) -> str:
-    """How ``moe_experts`` runs ``rows`` (token, expert) pairs: "mxfp4" (rows sorted by expert, and the MXFP4 GEMMs
-    whose input needs no gradient go through the grouped GEMM that dequantizes in registers, the others dequantize
-    first: ``mxfp4_kernel`` says at least one GEMM can take the kernel (MXFP4 weight, on CUDA in bf16/fp16, no
-    gradient to its input); rollout-sized batches only: the kernel dequantizes a weight tile again for every block
-    of rows), "gathered" (a weight per pair; decode-sized batches of packed weights or without a grouped GEMM),
-    "grouped" (``torch._grouped_mm``) or "loop" (a matmul per hit expert: the only path that reads group sizes on
-    the host, which a CUDA graph cannot capture)."""
+    """How ``moe_experts`` runs ``rows`` (token, expert) pairs: "mxfp4" (rows sorted by expert, every MXFP4 GEMM
+    through the packed grouped GEMM that dequantizes in registers: ``mxfp4_kernel`` says the Triton kernels run
+    here (MXFP4 weight, CUDA, bf16/fp16, self-checked); rollout-sized batches only: the kernel dequantizes a weight
+    tile again for every block of rows), "gathered" (a weight per pair; decode-sized batches of packed weights or
+    without a grouped GEMM), "grouped" (``torch._grouped_mm``; an MXFP4 GEMM whose input needs a gradient still
+    takes the packed op, the others dequantize their layer once, transiently) or "loop" (a matmul per hit expert,
+    MXFP4 experts dequantized one at a time: the only path that reads group sizes on the host, which a CUDA graph
+    cannot capture)."""
     grouped = _grouped_mm_works(device, dtype)
     if packed and mxfp4_kernel and grouped and rows <= MXFP4_KERNEL_ROWS_PER_EXPERT * num_experts:
         return "mxfp4"
@@ -143,6 +153,7 @@ def moe_experts(
     limit: float = 7.0,
     gate_up_lora: LoraFactors | None = None,
     down_lora: LoraFactors | None = None,
+    chunk_tokens: int | None = None,
 ) -> torch.Tensor:
     """Mixture of experts over the chosen experts only.
 
@@ -153,14 +164,54 @@ def moe_experts(
     computes x @ (W_e + scale * A_e @ B_e) without ever forming the sum; computed in x's dtype.
     The k expert outputs of a token are summed in a fixed order, so the result is deterministic. In deterministic
     mode (``ossrl.deterministic()``) ``batch_invariant.moe_experts`` runs: the same path whatever the batch size.
+    ``chunk_tokens``: with more tokens than this, run them in chunks of that many, each under non-reentrant
+    activation checkpointing when autograd records (memory over long sequences; see the module docstring).
     """
+    args = (gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, alpha, limit, gate_up_lora, down_lora)
+    if chunk_tokens is not None:
+        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be a positive int or None; got {chunk_tokens!r}")
+        if x.shape[0] > chunk_tokens:
+            return _chunked(x, expert_ids, expert_weights, args, chunk_tokens)
+    return _moe_experts(x, expert_ids, expert_weights, *args)
+
+
+def _chunked(x, expert_ids, expert_weights, args, chunk_tokens: int) -> torch.Tensor:
+    """``_moe_experts`` over ``chunk_tokens`` tokens at a time; each chunk checkpointed when autograd records, so
+    its activations are dropped after the forward and recomputed, one chunk at a time, in the backward."""
+    tensors = (x, expert_weights, *args[:4], *(args[6] or ())[:2], *(args[7] or ())[:2])
+    checkpointed = _needs_grad(*tensors)
+    outs = []
+    for start in range(0, x.shape[0], chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        chunk = (x[part], expert_ids[part], expert_weights[part], *args)
+        if checkpointed:
+            outs.append(checkpoint(_moe_experts, *chunk, use_reentrant=False))
+        else:
+            outs.append(_moe_experts(*chunk))
+    return torch.cat(outs)
+
+
+def _moe_experts(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_weights: torch.Tensor,
+    gate_up_proj: Weight,
+    gate_up_proj_bias: torch.Tensor,
+    down_proj: Weight,
+    down_proj_bias: torch.Tensor,
+    alpha: float,
+    limit: float,
+    gate_up_lora: LoraFactors | None,
+    down_lora: LoraFactors | None,
+) -> torch.Tensor:
     if deterministic_enabled():
         return batch_invariant.moe_experts(x, expert_ids, expert_weights, gate_up_proj, gate_up_proj_bias, down_proj,
                                            down_proj_bias, alpha, limit, gate_up_lora, down_lora)  # fmt: skip
     n, k = expert_ids.shape
     num_experts = gate_up_proj_bias.shape[0]
     packed = not isinstance(gate_up_proj, torch.Tensor) or not isinstance(down_proj, torch.Tensor)
-    kernel = _mxfp4_kernel(x, gate_up_proj, down_proj, gate_up_proj_bias, gate_up_lora)
+    kernel = _mxfp4_kernel(x, gate_up_proj, down_proj)
     path = expert_path(n * k, num_experts, x.device, x.dtype, packed, kernel)
     if path == "gathered":
         return _gathered_experts(x, expert_ids, expert_weights, gate_up_proj, gate_up_proj_bias, down_proj,
@@ -192,9 +243,12 @@ def _weight(w: Weight, ids: torch.Tensor | None, dtype: torch.dtype) -> torch.Te
 
 
 def _grouped(xs: torch.Tensor, w: Weight, counts: torch.Tensor, counts_list: list[int] | None, path: str):
-    """One expert GEMM of the sorted rows: on the "mxfp4" path through the in-register kernel when ``w`` is MXFP4
-    and no gradient flows to ``xs`` (decided here, for this GEMM's own input), else dequantized + grouped GEMM."""
-    if path == "mxfp4" and _kernel_for(xs, w, _needs_grad(xs)):
+    """One expert GEMM of the sorted rows, decided here from this GEMM's own input. An MXFP4 ``w`` goes through the
+    packed op (``mxfp4_grouped_matmul``: Triton kernels or one expert dequantized at a time, differentiable in
+    ``xs``, nothing dequantized kept for the backward) on the "mxfp4" and "loop" paths and whenever a gradient must
+    reach ``xs``; only a no-grad GEMM on the "grouped" path (large batches on CUDA) dequantizes the whole layer,
+    transiently, for one grouped GEMM. A dense ``w`` takes the grouped GEMM."""
+    if hasattr(w, "blocks") and (path in ("mxfp4", "loop") or _needs_grad(xs)):
         return mxfp4_ref.mxfp4_grouped_matmul(xs, w.blocks, w.scales, counts)
     return grouped_matmul(xs, _weight(w, None, xs.dtype), counts, counts_list)
 
@@ -204,26 +258,13 @@ def _needs_grad(*tensors: object) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
-def _mxfp4_kernel(
-    x: torch.Tensor,
-    gate_up_proj: Weight,
-    down_proj: Weight,
-    gate_up_proj_bias: torch.Tensor | None = None,
-    gate_up_lora: LoraFactors | None = None,
-) -> bool:
-    """Whether at least one of the two expert GEMMs can take the in-register kernel (``expert_path``'s
-    ``mxfp4_kernel``). The kernel has no backward, so each GEMM is judged by its own input: gate_up by x, down_proj
-    by h, which needs a gradient when anything it is computed from does (x, gate_up's weight, bias or LoRA)."""
-    h_needs_grad = _needs_grad(x, gate_up_proj, gate_up_proj_bias, *(gate_up_lora or ())[:2])
-    return _kernel_for(x, gate_up_proj, _needs_grad(x)) or _kernel_for(x, down_proj, h_needs_grad)
-
-
-def _kernel_for(x: torch.Tensor, w: Weight, needs_grad: bool) -> bool:
-    """Whether a GEMM of ``x``'s dtype and device by ``w`` can go through the in-register kernel: ``w`` is MXFP4, no
-    gradient flows to the GEMM's input (the kernel has no backward), CUDA, and the kernel passed its self-check."""
-    if needs_grad or not hasattr(w, "blocks"):
+def _mxfp4_kernel(x: torch.Tensor, gate_up_proj: Weight, down_proj: Weight) -> bool:
+    """Whether the MXFP4 Triton kernels can run the packed expert GEMMs (``expert_path``'s ``mxfp4_kernel``): at
+    least one weight is MXFP4 and the kernels passed their self-check for x's device and dtype (False off CUDA).
+    They have a backward (dX), so gradients no longer matter here."""
+    if not (hasattr(gate_up_proj, "blocks") or hasattr(down_proj, "blocks")):
         return False
-    return mxfp4_ref.mxfp4_kernel_works(x.device, x.dtype)  # False off CUDA and for fp32
+    return mxfp4_ref.mxfp4_kernel_works(x.device, x.dtype)
 
 
 def _gathered_experts(

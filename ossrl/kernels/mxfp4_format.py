@@ -74,17 +74,30 @@ def check_mxfp4_grouped_inputs(
     x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, counts: torch.Tensor
 ) -> None:
     """Clear errors for bad shapes, dtypes and devices (counts' values are not read: that would wait for the GPU)."""
+    _check_weights(x, blocks, scales, counts, "x")
+    if x.shape[1] != blocks.shape[2] * BLOCK:
+        raise ValueError(f"x has {x.shape[1]} columns but the weights take {blocks.shape[2] * BLOCK}")
+
+
+def check_mxfp4_grouped_dx_inputs(
+    grad: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, counts: torch.Tensor
+) -> None:
+    """``check_mxfp4_grouped_inputs`` for the input-gradient GEMM: grad is dY [R, N], N the weights' outputs."""
+    _check_weights(grad, blocks, scales, counts, "grad")
+    if grad.shape[1] != blocks.shape[1]:
+        raise ValueError(f"grad has {grad.shape[1]} columns but the weights give {blocks.shape[1]} outputs")
+
+
+def _check_weights(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, counts: torch.Tensor, name: str):
     if x.dim() != 2 or not x.is_floating_point():
-        raise ValueError(f"x must be a floating [R, K] tensor; got {x.dtype} {tuple(x.shape)}")
+        raise ValueError(f"{name} must be a floating [R, K] tensor; got {x.dtype} {tuple(x.shape)}")
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise ValueError(f"MXFP4 blocks and scales must be uint8; got {blocks.dtype}, {scales.dtype}")
     if blocks.dim() != 4 or blocks.shape[-1] != BLOCK // 2 or blocks.shape[:-1] != scales.shape:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} / scales {tuple(scales.shape)} are not "
                          "[E, N, K/32, 16] / [E, N, K/32]")  # fmt: skip
-    if x.shape[1] != blocks.shape[2] * BLOCK:
-        raise ValueError(f"x has {x.shape[1]} columns but the weights take {blocks.shape[2] * BLOCK}")
     if counts.shape != (blocks.shape[0],) or counts.is_floating_point():
         raise ValueError(f"counts must be integer [E={blocks.shape[0]}]; got {counts.dtype} {tuple(counts.shape)}")
-    for name, t in (("blocks", blocks), ("scales", scales), ("counts", counts)):
+    for label, t in (("blocks", blocks), ("scales", scales), ("counts", counts)):
         if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+            raise ValueError(f"{label} is on {t.device} but {name} is on {x.device}")
