@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from ossrl.kernels.attention_ref import check_sink_attention_inputs
 from ossrl.kernels.decode_inputs import check_paged_decode_inputs
+from ossrl.kernels.mxfp4_format import dequantize_mxfp4
 
 KV_BLOCK = 64  # keys per attention block: each query sums its keys block by block, blocks aligned at position 0
 ROW_BLOCK = 32  # rows per matmul call (every call of a weight has one shape)
@@ -153,11 +154,33 @@ def swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     return gate * (1.0 / (1.0 + torch.exp(-(alpha * gate)))) * (lin + 1)
 
 
-def _expert_weight(w, expert: int, dtype: torch.dtype) -> torch.Tensor:
-    """Expert ``expert`` of a dense [E, in, out] or packed (MXFP4) weight, [in, out] in ``dtype``."""
+def _expert_linear(x: torch.Tensor, w, expert: int, bias: torch.Tensor) -> torch.Tensor:
+    """``linear`` of rows ``x`` by expert ``expert`` of a dense [E, in, out] or packed (MXFP4) weight. A packed
+    expert with a gradient to record goes through ``_PackedBlockLinear``, which keeps the packed expert for the
+    backward instead of its dequantized copy (one per expert: a whole layer's worth over the loop)."""
     if isinstance(w, torch.Tensor):
-        return w[expert].to(dtype)
-    return w.dequantize(dtype, torch.tensor([expert], device=w.blocks.device))[0]
+        return linear(x, w[expert].to(x.dtype).t(), bias)
+    blocks, scales = w.blocks[expert], w.scales[expert]  # W_e [out, in] = [N, K] packed: linear's layout
+    if torch.is_grad_enabled() and (x.requires_grad or bias.requires_grad):
+        return _PackedBlockLinear.apply(x, blocks, scales, bias)
+    return _block_linear(x, dequantize_mxfp4(blocks, scales, x.dtype), bias)
+
+
+class _PackedBlockLinear(torch.autograd.Function):
+    """``_BlockLinear`` for a frozen MXFP4 expert: no weight gradient; the backward dequantizes it again."""
+
+    @staticmethod
+    def forward(ctx, x, blocks, scales, bias):  # type: ignore[override]
+        ctx.save_for_backward(blocks, scales)
+        return _block_linear(x, dequantize_mxfp4(blocks, scales, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        blocks, scales = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        dx = (g @ dequantize_mxfp4(blocks, scales, g.dtype)).reshape(*grad.shape[:-1], -1)
+        db = g.sum(0) if ctx.needs_input_grad[3] else None
+        return (dx if ctx.needs_input_grad[0] else None), None, None, db
 
 
 def moe_experts(
@@ -189,12 +212,12 @@ def moe_experts(
             continue
         rows = xs[start : start + count]
         start += count
-        h = linear(rows, _expert_weight(gate_up_proj, e, dtype).t(), gate_up_proj_bias[e].to(dtype))
+        h = _expert_linear(rows, gate_up_proj, e, gate_up_proj_bias[e].to(dtype))
         if gate_up_lora is not None:
             a, b, scale = gate_up_lora
             h = h + linear(linear(rows, a[e].to(dtype).t()), b[e].to(dtype).t()) * scale
         h = swiglu(h, alpha, limit)
-        y = linear(h, _expert_weight(down_proj, e, dtype).t(), down_proj_bias[e].to(dtype))
+        y = _expert_linear(h, down_proj, e, down_proj_bias[e].to(dtype))
         if down_lora is not None:
             a, b, scale = down_lora
             y = y + linear(linear(h, a[e].to(dtype).t()), b[e].to(dtype).t()) * scale

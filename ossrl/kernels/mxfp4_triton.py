@@ -28,6 +28,8 @@ from ossrl.kernels.mxfp4_format import check_mxfp4_grouped_dx_inputs, check_mxfp
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); BLOCK_K is a multiple of the 32-value MXFP4 block.
 MXFP4_CONFIG: tuple[int, int, int, int, int] = (16, 64, 64, 4, 3)
+# Under TRITON_INTERPRET=1 (the CPU tests): small tiles, so small shapes still span several of them.
+INTERPRET_CONFIG: tuple[int, int, int, int, int] = (16, 16, 32, 1, 1)
 
 
 @triton.jit
@@ -143,7 +145,7 @@ def mxfp4_grouped_matmul_triton(
     if x.shape[0] == 0 or n == 0:
         return out
     offsets = _offsets(counts, num_experts)
-    block_m, block_n, block_k, warps, stages = (16, 16, 32, 1, 1) if triton_interpreting() else MXFP4_CONFIG
+    block_m, block_n, block_k, warps, stages = INTERPRET_CONFIG if triton_interpreting() else MXFP4_CONFIG
     grid = (num_experts, triton.cdiv(n, block_n))
     _mxfp4_grouped_kernel[grid](
         x, blocks, scales, offsets, out, k, n,
@@ -176,7 +178,7 @@ def mxfp4_grouped_matmul_dx_triton(
     if n == 0:
         return out.zero_()
     offsets = _offsets(counts, num_experts)
-    block_m, block_n, block_k, warps, stages = (16, 16, 32, 1, 1) if triton_interpreting() else MXFP4_DX_CONFIG
+    block_m, block_n, block_k, warps, stages = INTERPRET_CONFIG if triton_interpreting() else MXFP4_DX_CONFIG
     grid = (num_experts, triton.cdiv(k, block_k))
     _mxfp4_grouped_dx_kernel[grid](
         grad, blocks, scales, offsets, out, k, n,
