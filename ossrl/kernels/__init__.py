@@ -12,6 +12,7 @@ import graph has no cycle (``tests/test_import_graph.py``), lazy imports include
   sink attention       ``sink_attention`` (here)                ``attention_ref``         ``attention_triton``
   paged decode         ``decode_ref.paged_decode_attention``    ``decode_ref``            ``decode_triton``
   MXFP4 grouped GEMM   ``mxfp4_ref.mxfp4_grouped_matmul``       ``mxfp4_ref``             ``mxfp4_triton``
+    (+ its dX)         (differentiable in x: fwd and dX ops)    (one expert at a time)    (fwd and dX kernels)
   MoE experts          ``moe.moe_experts``                      (same module)             (uses the MXFP4 GEMM)
   linear (x W^T + b)   ``linear`` (here)                        ``F.linear``              (cuBLAS / MKL)
   RMSNorm              ``rms_norm`` (here)                      (same function)

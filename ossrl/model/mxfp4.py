@@ -18,10 +18,11 @@ __all__ = ["BLOCK", "FP4_VALUES", "MXFP4Weight", "dequantize_mxfp4", "quantize_m
 
 
 class MXFP4Weight(nn.Module):
-    """An expert weight kept packed in memory (4.25 bits/value) that dequantizes itself for compute.
+    """An expert weight kept packed in memory (4.25 bits/value), in training too: the MoE's expert GEMMs read
+    ``blocks``/``scales`` directly (``ossrl.kernels.mxfp4_ref.mxfp4_grouped_matmul``, differentiable in its input).
 
-    ``dequantize()`` returns W^T [E, in, out], the layout the expert GEMMs use. Frozen: MXFP4 weights are never
-    trained (LoRA adapters train beside them).
+    ``dequantize()`` returns W^T [E, in, out], the layout the dense expert GEMMs use (decode's gathered path, large
+    no-grad prefills). Frozen: MXFP4 weights are never trained (LoRA adapters train beside them).
     """
 
     def __init__(self, blocks: torch.Tensor, scales: torch.Tensor) -> None:
