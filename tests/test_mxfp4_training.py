@@ -381,3 +381,48 @@ def test_lora_step_through_mxfp4_experts_raises_peak_memory_by_well_under_one_de
     assert numbers["peak_rise_bytes"] < 0.5 * layer
     assert numbers["saved_bytes"] < 0.5 * layer
     assert numbers["max_grad_rel_error"] < 1e-4
+
+
+# ---- the real path: a GRPO train step over an MXFP4 checkpoint ------------------------------------------------------
+def test_train_step_over_an_mxfp4_checkpoint_trains_expert_lora_without_dequantizing_a_layer(tmp_path, monkeypatch):
+    """``Trainer.train_step`` on the tiny model saved as MXFP4 (loaded packed), LoRA on both expert GEMMs: the
+    experts stay ``MXFP4Weight``, no whole layer is ever dequantized while autograd records (only decode's
+    gathered path dequantizes chosen experts), and the expert adapters train."""
+    from ossrl.config import load_config
+    from ossrl.model.lora import lora_adapters
+    from ossrl.model.tiny import write_tiny_checkpoint
+    from ossrl.train.trainer import Trainer
+
+    path = write_tiny_checkpoint(tmp_path / "mxfp4", mxfp4=True)
+    trainer = Trainer(load_config(None, [
+        f"model.path={path}", "warmup.steps=0", "rollout.prompts_per_step=2", "rollout.n=2",
+        "rollout.max_new_tokens=4", "rollout.max_turns=1", "rollout.kv_cache_tokens=2048", "model.dtype=float32",
+        "model.gradient_checkpointing=false", "logging.progress=false", "optim.lr=1e-2",
+        "lora.targets=[gate_up_proj, down_proj]", "task.options={system_message: false}",
+        f"logging.run_dir={tmp_path / 'run'}",
+    ]))  # fmt: skip
+    experts = [layer.mlp.experts for layer in trainer.model.model.layers]
+    assert all(isinstance(e.gate_up_proj, MXFP4Weight) and isinstance(e.down_proj, MXFP4Weight) for e in experts)
+    whole_layer_with_grad = []
+    dequantize = MXFP4Weight.dequantize
+
+    def spy(self, dtype=torch.bfloat16, experts=None):
+        if experts is None and torch.is_grad_enabled():
+            whole_layer_with_grad.append(tuple(self.shape))
+        return dequantize(self, dtype, experts)
+
+    monkeypatch.setattr(MXFP4Weight, "dequantize", spy)
+    score = trainer.task.score
+
+    def varied(rows, completions, tokenizer=None):  # rewards that differ inside each group: a nonzero advantage
+        out = score(rows, completions, tokenizer=tokenizer)
+        out.total = [float(i % 2) for i in range(len(out.total))]
+        return out
+
+    trainer.task.score = varied
+    adapters = [a for a in lora_adapters(trainer.model) if a.lora_B.dim() == 3]  # the per-expert ones
+    assert adapters
+    before = [a.lora_B.detach().clone() for a in adapters]
+    trainer.train_step()
+    assert whole_layer_with_grad == []
+    assert any(not torch.equal(a.lora_B, b) for a, b in zip(adapters, before, strict=True))

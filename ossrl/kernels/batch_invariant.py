@@ -197,8 +197,9 @@ def moe_experts(
     down_lora=None,
 ) -> torch.Tensor:
     """``moe.moe_experts`` (same signature and math), batch-invariant: each (token, expert) row through ``linear``
-    with its expert's weight (dense or dequantized MXFP4) and bias, the expert's LoRA as (x A) B * scale, and the k
-    outputs of a token summed in slot order. Reads the experts' row counts on the host."""
+    with its expert's weight (dense, or MXFP4 dequantized one expert at a time and kept packed for the backward)
+    and bias, the expert's LoRA as (x A) B * scale, and the k outputs of a token summed in slot order. Reads the
+    experts' row counts on the host."""
     n, k = expert_ids.shape
     num_experts = gate_up_proj_bias.shape[0]
     dtype = x.dtype
