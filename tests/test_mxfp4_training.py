@@ -291,6 +291,18 @@ def test_chunked_moe_equals_unchunked_and_checkpoints_each_chunk(packed_weights,
     assert calls == []
 
 
+def test_chunked_moe_in_deterministic_mode_is_bitwise_the_unchunked():
+    """Batch-invariant MoE: a token's forward numbers do not depend on the tokens beside it, so chunks change no bit
+    of the output (backward passes are not batch-invariant: close)."""
+    packed, _, biases, loras = packed_and_dense()
+    with deterministic():
+        out, grads = moe_grads(23, packed, biases, loras)
+        chunked_out, chunked = moe_grads(23, packed, biases, loras, chunk_tokens=8)
+    assert torch.equal(chunked_out, out)
+    for got, ref in zip(chunked, grads, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True])
 def test_bad_chunk_tokens_is_a_clear_error(bad):
     packed, _, biases, _ = packed_and_dense()
