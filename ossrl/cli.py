@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
 
     tr = sub.add_parser("train", help="GRPO training (no config: the built-in tiny CPU recipe)",
-                        description="ossrl train [CONFIG.yaml] [section.field=value ...]")  # fmt: skip
+                        description="ossrl train [CONFIG.yaml] [section.field=value ...]; on several processes: "
+                                    "torchrun --nproc-per-node N -m ossrl train CONFIG parallel.dp_shard=-1 ...")  # fmt: skip
     tr.add_argument("items", nargs="*", metavar="CONFIG_OR_OVERRIDE",
                     help="a YAML recipe (optional), then overrides: optim.lr=1e-5 resume=true")  # fmt: skip
 
@@ -167,17 +168,21 @@ def run_train(items: list[str]) -> int:
     except ConfigError as err:
         print(f"ossrl train: {err}", file=sys.stderr)
         return 2
+    from ossrl.dist.launch import DistributedError
     from ossrl.train.run import run_training
     from ossrl.train.trainer import NonFiniteParameters, RewardFailure
 
     show_progress_logs()
     try:
         result = run_training(config)
-    except (ValueError, OSError, ImportError, RewardFailure, NonFiniteParameters) as err:  # paths, data, rewards
+    except (ValueError, OSError, ImportError, RewardFailure, NonFiniteParameters, DistributedError) as err:
         if os.environ.get("OSSRL_DEBUG"):
             raise
-        print(f"ossrl train: {err}  (OSSRL_DEBUG=1 shows the traceback)", file=sys.stderr)
+        rank = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""  # under torchrun: whose error
+        print(f"ossrl train: {rank}{err}  (OSSRL_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
+    if result["summary"] is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     before, after = result["eval_before"], result["eval_after"]
     print(f"accuracy: {before['accuracy']:.3f} before -> {after['accuracy']:.3f} after "
           f"(tool use {before['tool_use_rate']:.2f} -> {after['tool_use_rate']:.2f}); "

@@ -176,15 +176,20 @@ class Engine:
             raise ValueError("no stop tokens: pass SamplingParams.stop_token_ids, or an Engine tokenizer")
         return [eos] if isinstance(eos, int) else list(eos)
 
-    def rollout(self, requests: list[Request], sampling: SamplingParams, tools: Tools | None = None) -> RolloutBatch:
+    def rollout(
+        self, requests: list[Request], sampling: SamplingParams, tools: Tools | None = None, *,
+        first_request_id: int = 0,
+    ) -> RolloutBatch:  # fmt: skip
         """One sequence per (request, sample), request-major: ``group`` is the request's index in ``requests``,
         ``sample`` the sample's. With ``tools`` (name -> callable or async callable taking the call's JSON arguments
         as keyword arguments), a sequence that ends in a Harmony tool call gets the tool's result appended (loss mask
         False, log-prob 0) and continues, up to ``sampling.max_turns`` assistant turns. A request that cannot run
         (empty prompt, ids outside the vocabulary, too long for the context or the cache, ``n < 1``) gives
         ``max(n, 1)`` sequences with ``finish == "error"``, no tokens at all (prompt length 0) and the reason in
-        ``errors``. Tensors are on the model's device."""
-        state = self._run(requests, sampling, tools)
+        ``errors``. Tensors are on the model's device. Request ``i``'s samples draw from the random streams of request id
+        ``first_request_id + i``: a data-parallel rank that samples requests ``a..b`` of a step passes ``a``, so the
+        union of the ranks' samples is what one process sampling all of them draws."""
+        state = self._run(requests, sampling, tools, first_request_id)
         return self._batch(requests, state)
 
     def generate(
@@ -246,7 +251,9 @@ class Engine:
 
     # ---- one rollout -------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _run(self, requests: list[Request], sampling: SamplingParams, tools: Tools | None) -> _Rollout:
+    def _run(
+        self, requests: list[Request], sampling: SamplingParams, tools: Tools | None, first_request_id: int = 0
+    ) -> _Rollout:
         if self._stream is not None:
             raise RuntimeError("rollout engine: a stream is open on this engine (close it before a rollout)")
         vocab = self.model.config.vocab_size
@@ -263,7 +270,8 @@ class Engine:
         runner = ToolRunner(tools or {}, self.tokenizer, sampling) if tools else None
         state = _Rollout(runner, sampling=sampling, keep_routes=self.record_routes)
         for i, request in enumerate(requests):
-            state.jobs[i] = _Job(request, sampling, stop_ids, reserve, seed_key=i, results=[None] * request.n)
+            state.jobs[i] = _Job(request, sampling, stop_ids, reserve, seed_key=first_request_id + i,
+                                  results=[None] * request.n)  # fmt: skip
             problem = self._check_request(request, vocab, reserve, cache)
             if problem:
                 state.errors[i] = problem

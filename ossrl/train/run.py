@@ -1,5 +1,10 @@
 """``ossrl train``: evaluate, train for ``config.steps`` GRPO steps (checkpointing, resumable), evaluate again,
-write metrics, samples.jsonl, report.png and summary.json into the run directory."""
+write metrics, samples.jsonl, report.png and summary.json into the run directory.
+
+Under torchrun every rank runs this; rank 0 alone owns the run directory (claims it, logs, writes samples,
+evaluations, the report and the summary) and tells the others what it decided (the run id, the checkpoint to
+resume). Checkpoints are written by every rank together (``Trainer.save``). Each rank evaluates the whole eval set
+with its own engine (greedy, the same weights: the same answers), so an evaluation needs no collective."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ossrl.config import TrainConfig
+from ossrl.dist.launch import DistContext, DistributedError, launched
 from ossrl.train.metrics import RunLogger, truncate_jsonl
 from ossrl.train.report import write_report, write_summary
 from ossrl.train.state import checkpoint_dirs, verify_checkpoint
@@ -23,38 +29,112 @@ SAMPLES_FILE = "samples.jsonl"  # a few sequences of every step, as text
 
 
 def run_training(config: TrainConfig) -> dict[str, Any]:
+    """One run; under torchrun (``WORLD_SIZE`` set) joins the process group first and leaves it at the end."""
+    if not launched():
+        return _run(config, None)
+    from ossrl.dist.launch import check_same_config, destroy_distributed, init_distributed
+    from ossrl.dist.mesh import mesh_shape
+
+    dist = init_distributed(config.model.device, config.parallel.timeout_s)
+    try:
+        try:
+            mesh_shape(config.parallel, dist.world_size)  # a mesh that cannot fit fails alike on every rank
+            check_same_config(config.to_dict())
+            return _run(config, dist)
+        except Exception as err:
+            if _collective_failure(err):
+                raise DistributedError(
+                    f"rank {dist.rank}/{dist.world_size}: a collective with the other ranks failed "
+                    f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}): another rank "
+                    f"probably stopped (see its error), or one waited longer than parallel.timeout_s="
+                    f"{config.parallel.timeout_s:g}"
+                ) from err
+            raise
+    finally:
+        destroy_distributed()
+
+
+def _collective_failure(err: BaseException) -> bool:
+    import torch.distributed as tdist
+
+    if isinstance(err, tdist.DistError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(k in text for k in ("gloo", "NCCL", "Connection", "Timed out"))
+
+
+class _NoLogger:
+    """What ranks other than 0 log to: nothing (rank 0 writes the run's files)."""
+
+    def log(self, step: int, metrics: Any) -> None: ...
+
+    def log_event(self, text: str) -> None: ...
+
+    def truncate_after(self, step: int) -> int:
+        return 0
+
+    def __enter__(self) -> _NoLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def _from_rank0(dist: DistContext | None, value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (itself in one process)."""
+    if dist is None:
+        return value
+    import torch.distributed as tdist
+
+    box = [value]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _run(config: TrainConfig, dist: DistContext | None) -> dict[str, Any]:
     start = time.perf_counter()
     run_dir = Path(config.logging.run_dir)
-    trainer = Trainer(config)  # first: a bad task, reward or model fails before an earlier run is touched
+    main = dist is None or dist.is_main
+    trainer = Trainer(config, dist)  # first: a bad task, reward or model fails before an earlier run is touched
     notes: list[str] = []  # what happened to earlier files, for events.log once the logger is up
-    run_id = _claim_run_dir(run_dir, config.checkpoint.resume, notes)
-    resume_from = _last_good_checkpoint(run_dir, run_id, notes) if config.checkpoint.resume else None
-    logger = RunLogger(run_dir, report_to=config.logging.report_to, config=config.to_dict(), total_steps=config.steps,
-                       show_progress=config.logging.progress, resume=resume_from is not None)  # fmt: skip
+    run_id = resume_from = None
+    if main:
+        run_id = _claim_run_dir(run_dir, config.checkpoint.resume, notes)
+        resume_from = _last_good_checkpoint(run_dir, run_id, notes) if config.checkpoint.resume else None
+    run_id, resume_from = _from_rank0(dist, (run_id, resume_from))
+    logger: Any = _NoLogger()
+    if main:
+        logger = RunLogger(run_dir, report_to=config.logging.report_to, config=config.to_dict(),
+                           total_steps=config.steps, show_progress=config.logging.progress,
+                           resume=resume_from is not None)  # fmt: skip
     with logger:
         for note in notes:
             logger.log_event(note)
         logger.log_event(f"run {run_id}; starting point: {trainer.start_info}")
         start_file = {"base_model": trainer.base_model_name, **trainer.start_info}
-        (run_dir / STARTING_POINT_FILE).write_text(json.dumps(start_file, indent=2))
+        if main:
+            (run_dir / STARTING_POINT_FILE).write_text(json.dumps(start_file, indent=2))
         eval_file = run_dir / "eval_before.json"
         if resume_from is not None:
             trainer.resume_from(resume_from)
             logger.truncate_after(trainer.step)
-            truncate_jsonl(run_dir / SAMPLES_FILE, trainer.step)
+            if main:
+                truncate_jsonl(run_dir / SAMPLES_FILE, trainer.step)
             logger.log_event(f"resumed from {resume_from} at step {trainer.step}")
-            eval_before = json.loads(eval_file.read_text()) if eval_file.exists() else None
+            eval_before = json.loads(eval_file.read_text()) if main and eval_file.exists() else None
         else:
-            (run_dir / SAMPLES_FILE).unlink(missing_ok=True)
+            if main:
+                (run_dir / SAMPLES_FILE).unlink(missing_ok=True)
             eval_before = trainer.evaluate()
-            eval_file.write_text(json.dumps(eval_before, indent=2))
+            if main:
+                eval_file.write_text(json.dumps(eval_before, indent=2))
             logger.log_event(f"eval before: accuracy {eval_before['accuracy']:.3f} on {eval_before['rows']} rows")
         every = config.checkpoint.every
         while trainer.step < config.steps:
             metrics = trainer.train_step()
             trainer.step += 1
-            with open(run_dir / SAMPLES_FILE, "a") as f:
-                f.writelines(json.dumps(sample) + "\n" for sample in trainer.samples)
+            if main:
+                with open(run_dir / SAMPLES_FILE, "a") as f:
+                    f.writelines(json.dumps(sample) + "\n" for sample in trainer.samples)
             if metrics.get("skipped"):
                 logger.log_event(f"step {trainer.step}: skipped (no usable episodes, or a non-finite loss/gradient)")
             if config.eval_every and trainer.step % config.eval_every == 0 and trainer.step < config.steps:
@@ -63,11 +143,15 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
             if every and trainer.step % every == 0:
                 trainer.save(run_dir / "checkpoints" / f"checkpoint-{trainer.step:06d}", run_id)
         final = run_dir / "checkpoints" / f"checkpoint-{trainer.step:06d}"
-        if final not in checkpoint_dirs(run_dir) or verify_checkpoint(final, run_id) is not None:
+        missing = main and (final not in checkpoint_dirs(run_dir) or verify_checkpoint(final, run_id) is not None)
+        if _from_rank0(dist, missing):
             trainer.save(final, run_id)  # the final adapter is always written
         eval_after = trainer.evaluate()
         logger.log_event(f"eval after: accuracy {eval_after['accuracy']:.3f} on {eval_after['rows']} rows")
     wall = time.perf_counter() - start
+    if not main:
+        return {"summary": None, "report": None, "eval_before": eval_before, "eval_after": eval_after,
+                "wall_time_s": wall, "adapter": str(final)}  # fmt: skip
     extra = {"start": trainer.start_info, "final_checkpoint": str(final)}
     summary_path = write_summary(run_dir, config=config.to_dict(), eval_before=eval_before, eval_after=eval_after,
                                  wall_time_s=wall, extra=extra)  # fmt: skip

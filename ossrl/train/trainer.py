@@ -1,7 +1,15 @@
 """The GRPO-family training loop: rollout with the engine (a ``RolloutBatch`` of packed tensors) -> rewards ->
 advantages -> micro-batches of whole sequences -> loss, backward with gradient accumulation (``train.update``) ->
 clip -> AdamW step -> the engine's weight-sync boundary. Read top to bottom; the algorithms are the pure tensor
-functions of ``ossrl.rl``. One engine serves the whole run: its KV cache is handed back during each update."""
+functions of ``ossrl.rl``. One engine serves the whole run: its KV cache is handed back during each update.
+
+Under torchrun (``dist`` given) the same loop runs on every rank, and N ranks compute what one process would:
+each data-parallel rank samples a contiguous share of the step's prompts with their global request ids (the same
+random streams), every rank advances the data position by the whole step, advantages are computed on the rewards
+of all ranks (so groups and batch statistics are the global ones), every loss is divided by the global token (or
+sequence) count and FSDP2 sums the gradients, and the metrics are combined by their declared reductions. The
+trainer's ``model`` is FSDP2-sharded; the engine runs its own plain model (``engine.model``), refreshed through
+``ossrl.dist.sync.sync_weights`` after each update."""
 
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ import os
 import random
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +28,9 @@ import torch
 from ossrl import rl
 from ossrl.config import TrainConfig
 from ossrl.determinism import deterministic
-from ossrl.model.lora import LoraConfig, apply_lora, lora_parameters
+from ossrl.dist.launch import DistContext
+from ossrl.model.lora import LoraConfig, apply_lora, disabled_lora, lora_parameters
+from ossrl.model.offload import apply_memory_options
 from ossrl.rollout import Engine, Request, SamplingParams
 from ossrl.rollout.batch import ERROR, FINISH_REASONS, RolloutBatch
 from ossrl.sandbox.runner import ALLOW_ENV as SANDBOX_ALLOW_ENV
@@ -44,6 +55,22 @@ class NonFiniteParameters(RuntimeError):
     """An optimizer step produced a NaN or infinite parameter."""
 
 
+@dataclass
+class _BatchStats:
+    """The per-sequence fields ``_reward_metrics`` reads, gathered from every rank."""
+
+    num_seqs: int
+    sampled_lens: torch.Tensor
+    num_tool_calls: torch.Tensor
+    finish: torch.Tensor
+
+
+def _group_rank(group) -> int:
+    import torch.distributed as tdist
+
+    return tdist.get_rank(group)
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -51,9 +78,10 @@ def _device(name: str) -> torch.device:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, dist: DistContext | None = None) -> None:
         self.config = config
-        self.device = _device(config.model.device)
+        self.dist = dist  # None: one process, no torch.distributed anywhere
+        self.device = dist.device if dist is not None else _device(config.model.device)
         if config.allow_unisolated_sandbox:  # the tasks' sandboxed tools and graders read the opt-in from here
             os.environ[SANDBOX_ALLOW_ENV] = "1"
         random.seed(config.seed)
@@ -64,6 +92,7 @@ class Trainer:
             config, self.task, self.device, DTYPES[config.model.dtype]
         )
         self.model.gradient_checkpointing = config.model.gradient_checkpointing
+        apply_memory_options(self.model, config.model)  # activation / embedding offload, chunked MoE
         if config.lora.enabled:
             lora = LoraConfig(r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
                               targets=tuple(config.lora.targets))  # fmt: skip
@@ -71,12 +100,16 @@ class Trainer:
             self.params = lora_parameters(self.model)
         else:
             self.params = [p for p in self.model.parameters() if p.requires_grad]
+        engine_model = self.model  # one process: the engine runs the trainer's very model
+        self.mesh, self.dp_group, self.dp_rank, self.dp_size = None, None, 0, 1
+        if dist is not None:
+            engine_model = self._distribute()
         opt = config.optim
         self.optimizer = torch.optim.AdamW(
             self.params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.engine = Engine(self.model, self.tokenizer, max_num_seqs=config.rollout.max_num_seqs,
+        self.engine = Engine(engine_model, self.tokenizer, max_num_seqs=config.rollout.max_num_seqs,
                              kv_cache_tokens=config.rollout.kv_cache_tokens,
                              cuda_graphs=config.rollout.cuda_graphs,
                              torch_compile=config.rollout.torch_compile)  # fmt: skip
@@ -86,6 +119,55 @@ class Trainer:
         self.position = 0  # prompts consumed so far (the data position a resume restores)
         self.step = 0
         self.samples: list[dict] = []  # a few of the last step's sequences, as text
+
+    def _distribute(self):
+        """Mesh, the engine's own model, FSDP2 (and Ulysses SP); returns the engine's model. Runs on every rank."""
+        from ossrl.dist.fsdp import apply_fsdp
+        from ossrl.dist.mesh import build_mesh, check_heads, dp_group, dp_mesh, mesh_shape
+        from ossrl.dist.sync import engine_model
+
+        par, lora = self.config.parallel, self.config.lora.enabled
+        sizes = mesh_shape(par, self.dist.world_size)
+        check_heads(sizes["sp"], self.model.config)
+        self.mesh = build_mesh(par, self.device.type)
+        self.dp_group = dp_group(self.mesh)
+        self.dp_size = sizes["dp_replicate"] * sizes["dp_shard"]
+        replica, shard = self.mesh["dp_replicate"].get_local_rank(), self.mesh["dp_shard"].get_local_rank()
+        self.dp_rank = replica * sizes["dp_shard"] + shard
+        plain = engine_model(self.model, lora=lora)
+        if sizes["sp"] > 1:
+            from ossrl.dist.ulysses import apply_ulysses
+
+            apply_ulysses(self.model, self.mesh["sp"].get_group())
+        apply_fsdp(self.model, dp_mesh(self.mesh), lora=lora)
+        # fully_shard replaced the parameters by DTensor shards: the optimizer gets those
+        self.params = lora_parameters(self.model) if lora else [p for p in self.model.parameters() if p.requires_grad]
+        return plain
+
+    # ---- data-parallel reductions (identity in one process) ----------------------------------------------------
+    def _all_sum(self, value: float, op: str = "sum") -> float:
+        if self.dist is None:
+            return value
+        import torch.distributed as tdist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX, group=self.dp_group)
+        return float(t.item())
+
+    def _all_gather(self, obj: Any) -> list[Any]:
+        if self.dist is None:
+            return [obj]
+        import torch.distributed as tdist
+
+        out: list[Any] = [None] * tdist.get_world_size(self.dp_group)
+        tdist.all_gather_object(out, obj, group=self.dp_group)
+        return out
+
+    def _share(self, count: int) -> tuple[int, int]:
+        """This dp rank's contiguous slice [lo, hi) of ``count`` prompts (the first ranks take one more)."""
+        base, extra = divmod(count, self.dp_size)
+        lo = self.dp_rank * base + min(self.dp_rank, extra)
+        return lo, lo + base + (self.dp_rank < extra)
 
     # ---- schedule and data -------------------------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:
@@ -137,15 +219,19 @@ class Trainer:
         kept = attempts = errors = sampled = 0
         start = time.perf_counter()
         while kept < r.prompts_per_step and attempts <= (algo.max_refills if algo.dynamic_sampling else 0):
-            batch_rows = self.next_rows(r.prompts_per_step - kept)
+            step_rows = self.next_rows(r.prompts_per_step - kept)  # every rank advances by the whole step's prompts
+            lo, hi = self._share(len(step_rows))
+            batch_rows = step_rows[lo:hi]
             seed = self.config.seed * 1_000_003 + self.step * 101 + attempts
             requests = [Request(self.task.render_prompt(row, self.tokenizer), n=r.n) for row in batch_rows]
-            batch = self.engine.rollout(requests, self.sampling(seed), tools=self.task.tool_functions or None)
+            batch = self.engine.rollout(requests, self.sampling(seed), tools=self.task.tool_functions or None,
+                                        first_request_id=lo)  # fmt: skip
             attempts += 1
             ok = (batch.finish != ERROR).nonzero().squeeze(1).cpu()
             errors += batch.num_seqs - ok.numel()
             batch = batch.select(ok)
             if batch.num_seqs == 0:
+                kept += int(self._all_sum(0.0))  # the other ranks' kept groups (a collective every rank joins)
                 continue
             sampled += int(batch.sampled_lens.sum())
             seq_rows = [batch_rows[g] for g in batch.group.tolist()]
@@ -154,6 +240,8 @@ class Trainer:
             self._check_rewards(scored, reward_errors)
             if not self.samples:
                 self.samples = self._samples(batch, completion_ids, scored.total)
+                for sample in self.samples:
+                    sample["group"] += lo  # the step's prompt index, as one process numbers it
             total = torch.tensor(scored.total, dtype=torch.float32)
             if algo.overlong_buffer > 0:
                 total = total + rl.overlong_penalty(batch.sampled_lens.cpu(), r.max_new_tokens, algo.overlong_buffer,
@@ -166,8 +254,15 @@ class Trainer:
             rewards.append(total[index])
             for name, vals in scored.values.items():
                 values.setdefault(name, []).extend(vals[i] for i in index.tolist())
-            kept += int(batch.group[keep.to(batch.device)].unique().numel())
+            kept += int(self._all_sum(float(batch.group[keep.to(batch.device)].unique().numel())))
         seconds = time.perf_counter() - start
+        if self.dist is not None:  # the step's totals: tokens and errors summed, the slowest rank's time
+            sampled, errors, seconds = self._all_sum(sampled), self._all_sum(errors), self._all_sum(seconds, "max")
+            gathered, reward_errors = self._all_gather(reward_errors), {}
+            for part in gathered:
+                for name, n in part.items():
+                    reward_errors[name] = reward_errors.get(name, 0) + n
+            self.samples = [s for part in self._all_gather(self.samples) for s in part][:SAMPLES_PER_STEP]
         metrics = {"rollout_tokens_per_s": sampled / max(seconds, 1e-9), "rollout_seconds": seconds,
                    "groups_kept": float(kept), "rollout_errors": float(errors),
                    **{f"reward/{name}/errors": float(n) for name, n in reward_errors.items()}}  # fmt: skip
@@ -196,20 +291,27 @@ class Trainer:
         cfg, algo = self.config, self.config.algorithm
         batch, rewards, reward_values, metrics = self.rollout()
         self.engine.release_memory()  # the KV cache's memory is the update's until the next rollout
-        metrics.update(self._reward_metrics(batch, rewards, reward_values))
-        if batch.num_seqs == 0 or not bool(batch.loss_mask.any()):
+        everything = self._gathered(batch, rewards, reward_values)
+        metrics.update(self._reward_metrics(*everything[:3]))
+        if self._all_sum(float(batch.num_seqs > 0 and bool(batch.loss_mask.any()))) == 0:  # on every rank alike
             return {**metrics, "skipped": 1.0}
-        advantages = rl.compute_advantages(algo.advantage, rewards, batch.group.cpu(), scale=algo.scale)
+        advantages = self._advantages(rewards, batch.group.cpu(), *everything[3:])
         start = time.perf_counter()
+        norm = self._all_sum(normalizer(batch, algo.agg))  # the whole step's count, over every dp rank
+        if self.dist is not None:  # a sequence with nothing sampled adds nothing; dropped so every pass backprops
+            keep_seqs = (batch.sampled_lens > 0).nonzero().squeeze(1)
+            batch, advantages = batch.select(keep_seqs), advantages[keep_seqs.cpu()]
         micro = [
             MicroBatch(batch.select(index), advantages[index])
             for index in pack_micro_batches(batch.seq_lens.tolist(), cfg.optim.micro_batch_tokens)
         ]
-        norm = normalizer(batch, algo.agg)
+        passes = int(self._all_sum(len(micro), "max"))  # FSDP: every rank runs as many forwards and backwards
         temperature, max_len = cfg.rollout.temperature, cfg.rollout.max_new_tokens
         if algo.updates_per_batch > 1:
             self.model.eval()
             fill_old_logprobs(self.model, micro, temperature, replay=algo.router_replay)
+            for _ in range(passes - len(micro)):
+                self._filler_pass(grad=False)
         self.model.train()
         for update in range(algo.updates_per_batch):
             self.optimizer.zero_grad(set_to_none=True)
@@ -219,9 +321,13 @@ class Trainer:
                                          first=update == 0)  # fmt: skip
                 for name, (value, counts) in parts.items():
                     reducer.add(name, value, counts)
+            for _ in range(passes - len(micro)):
+                self._filler_pass(grad=True)
+            if self.dist is not None:
+                reducer.merge_across(self.dp_group)
             if update == 0:
                 first = {k: v for k, v in reducer.result().items() if k.startswith(("mismatch/", "router/"))}
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.max_grad_norm)
+            grad_norm = self._clip_gradients()
             if not torch.isfinite(grad_norm) or not math.isfinite(reducer.result().get("loss", 0.0)):
                 self.optimizer.zero_grad(set_to_none=True)
                 metrics["skipped"] = 1.0  # non-finite loss or gradient: no update, the run goes on
@@ -230,21 +336,91 @@ class Trainer:
             self._check_parameters()
         self.scheduler.step()
         self.model.eval()
-        self.engine.update_weights()  # the engine runs this very model: the boundary, with nothing to copy
+        if self.dist is None:
+            self.engine.update_weights()  # the engine runs this very model: the boundary, with nothing to copy
+        else:
+            from ossrl.dist.sync import sync_weights
+
+            sync_weights(self.model, self.engine, lora=cfg.lora.enabled)
         metrics.update(reducer.result())
         metrics.update(first)
         train_seconds = max(time.perf_counter() - start, 1e-9)
+        tokens = self._all_sum(float(batch.seq_lens.sum()))
+        train_seconds = self._all_sum(train_seconds, "max")
         metrics.update(grad_norm=float(grad_norm), lr=self.scheduler.get_last_lr()[0],
-                       train_tokens_per_s=int(batch.seq_lens.sum()) / train_seconds)  # fmt: skip
+                       train_tokens_per_s=tokens / train_seconds)  # fmt: skip
         metrics.setdefault("skipped", 0.0)
         if torch.cuda.is_available():
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return metrics
 
+    def _gathered(self, batch: RolloutBatch, rewards: torch.Tensor, values: dict[str, list]) -> tuple:
+        """(what ``_reward_metrics`` needs of the whole step: batch stats, rewards, reward values; then every rank's
+        rewards and groups, for the advantages). One process: its own batch."""
+        if self.dist is None:
+            return batch, rewards, values, None
+        mine = {"rewards": rewards.tolist(), "group": batch.group.tolist(), "values": values,
+                "sampled_lens": batch.sampled_lens.tolist(), "tool_calls": batch.num_tool_calls.tolist(),
+                "finish": batch.finish.tolist()}  # fmt: skip
+        parts = self._all_gather(mine)
+        merged_values: dict[str, list] = {}
+        for part in parts:
+            for name, vals in part["values"].items():
+                merged_values.setdefault(name, []).extend(vals)
+        stats = _BatchStats(
+            num_seqs=sum(len(p["rewards"]) for p in parts),
+            sampled_lens=torch.tensor([n for p in parts for n in p["sampled_lens"]], dtype=torch.long),
+            num_tool_calls=torch.tensor([n for p in parts for n in p["tool_calls"]], dtype=torch.long),
+            finish=torch.tensor([n for p in parts for n in p["finish"]], dtype=torch.long),
+        )
+        all_rewards = torch.tensor([x for p in parts for x in p["rewards"]], dtype=torch.float32)
+        return stats, all_rewards, merged_values, parts
+
+    def _advantages(self, rewards: torch.Tensor, group: torch.Tensor, parts: list | None) -> torch.Tensor:
+        """Advantages of this rank's sequences, computed over the whole step (each rank's groups numbered apart),
+        so group baselines and batch statistics are the one-process ones."""
+        algo = self.config.algorithm
+        if parts is None:
+            return rl.compute_advantages(algo.advantage, rewards, group, scale=algo.scale)
+        groups, offset, start = [], 0, 0
+        for rank, part in enumerate(parts):
+            g = torch.tensor(part["group"], dtype=torch.long)
+            if rank == _group_rank(self.dp_group):
+                start = sum(len(q["rewards"]) for q in parts[:rank])
+            groups.append(g + offset)
+            offset += int(g.max()) + 1 if g.numel() else 0
+        all_rewards = torch.tensor([x for p in parts for x in p["rewards"]], dtype=torch.float32)
+        advantages = rl.compute_advantages(algo.advantage, all_rewards, torch.cat(groups), scale=algo.scale)
+        return advantages[start : start + rewards.numel()]
+
+    def _filler_pass(self, *, grad: bool) -> None:
+        """A forward (and backward of zero) on two tokens, for a rank with fewer micro-batches than the others:
+        FSDP's all-gathers and reduce-scatters need every rank in every pass. Changes no gradient."""
+        from ossrl.train.update import forward_logprobs
+
+        filler = MicroBatch(pack_sequences([[0]], [[0]], device=self.device), torch.zeros(1))
+        with torch.set_grad_enabled(grad):
+            lp, _ = forward_logprobs(self.model, filler, self.config.rollout.temperature,
+                                     replay=self.config.algorithm.router_replay)  # fmt: skip
+            if grad:
+                if self.config.algorithm.kl_coef > 0:  # micro_batch_loss runs a reference forward too
+                    with torch.no_grad(), disabled_lora(self.model):
+                        forward_logprobs(self.model, filler, self.config.rollout.temperature)
+                (lp.sum() * 0.0).backward()
+
+    def _clip_gradients(self) -> torch.Tensor:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.optim.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor over the shards: the global norm on every rank
+            grad_norm = grad_norm.full_tensor()
+        return grad_norm
+
     def _check_parameters(self) -> None:
         """Stop the run when an update left a non-finite parameter: every later step would be garbage, and the
         last good checkpoint must stay the last one."""
-        if not bool(torch.stack([p.detach().isfinite().all() for p in self.params]).all()):
+        from ossrl.dist.fsdp import local
+
+        finite = bool(torch.stack([local(p.detach()).isfinite().all() for p in self.params]).all())
+        if self._all_sum(float(not finite)) > 0:  # some rank's shard: every rank stops
             raise NonFiniteParameters(
                 f"an update at step {self.step + 1} left non-finite parameters (lr {self.scheduler.get_last_lr()[0]:g}"
                 f", max_grad_norm {self.config.optim.max_grad_norm:g}); stopping the run, the last checkpoint is kept"

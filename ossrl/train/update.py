@@ -87,6 +87,26 @@ class MetricReducer:
             self.totals[name] = self.totals.get(name, 0.0) + value * weight
             self.weights[name] = self.weights.get(name, 0.0) + weight
 
+    def merge_across(self, group=None) -> None:
+        """Combine every data-parallel rank's totals in place, by the same declared reductions (sums and weighted
+        sums add, maxima take the max), so ``result()`` is what one process reducing all micro-batches gives. A
+        metric some rank never saw (no routes there, say) is combined over the ranks that have it."""
+        import torch.distributed as dist
+
+        parts: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, (self.totals, self.weights), group=group)
+        totals: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        for rank_totals, rank_weights in parts:
+            for name, value in rank_totals.items():
+                if reduction_of(name, self.loss) == MAX:
+                    totals[name] = max(totals.get(name, float("-inf")), value)
+                else:
+                    totals[name] = totals.get(name, 0.0) + value
+            for name, value in rank_weights.items():
+                weights[name] = weights.get(name, 0.0) + value
+        self.totals, self.weights = totals, weights
+
     def result(self) -> dict[str, float]:
         out = {}
         for name, total in self.totals.items():
