@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
 
     tr = sub.add_parser("train", help="GRPO training (no config: the built-in tiny CPU recipe)",
-                        description="ossrl train [CONFIG.yaml] [section.field=value ...]; on several processes: "
-                                    "torchrun --nproc-per-node N -m ossrl train CONFIG parallel.dp_shard=-1 ...")  # fmt: skip
+                        description="ossrl train [CONFIG.yaml] [section.field=value ...]; on N processes: "
+                                    "torchrun --nproc-per-node N -m ossrl train [CONFIG.yaml] ...")  # fmt: skip
     tr.add_argument("items", nargs="*", metavar="CONFIG_OR_OVERRIDE",
                     help="a YAML recipe (optional), then overrides: optim.lr=1e-5 resume=true")  # fmt: skip
 
