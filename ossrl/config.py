@@ -32,6 +32,10 @@ class ModelSettings:
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     device: str = "auto"  # auto: cuda if available, else cpu
     gradient_checkpointing: bool = True
+    # Memory options (README "Memory options"; ossrl.model.offload.apply_memory_options):
+    offload_activations: bool = False  # checkpointed layers' inputs wait in pinned host memory for the backward
+    offload_embeddings: bool = False  # the (frozen: LoRA runs) embedding table stays on the CPU; rows gathered there
+    moe_chunk_tokens: int | None = None  # MoE layers run this many tokens at a time (None: all at once)
 
 
 @dataclass
@@ -135,6 +139,19 @@ class CheckpointSettings:
 
 
 @dataclass
+class ParallelSettings:
+    """Multi-process runs (``torchrun ... -m ossrl train``); a one-process run ignores this section. The world's
+    processes form a mesh dp_replicate x dp_shard x sp: FSDP2 shards the trainable weights over dp_shard (HSDP:
+    replicated over dp_replicate), every dp rank samples its share of the step's prompts, and the sp ranks of one dp
+    rank split each sequence (Ulysses). -1: all the ranks the other two leave."""
+
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    sp: int = 1
+    timeout_s: float = 300.0  # a collective waiting longer (a dead or stuck rank) fails the run on every rank
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100
     seed: int = 0
@@ -152,6 +169,7 @@ class TrainConfig:
     warmup: WarmupSettings = field(default_factory=WarmupSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -357,6 +375,16 @@ def validate(config: TrainConfig) -> None:
     check(algo.overlong_penalty >= 0, "algorithm.overlong_penalty", "must be >= 0")
     check(algo.tis_cap is None or algo.tis_cap > 0, "algorithm.tis_cap", "must be > 0 (or null: off)")
     check(algo.seq_mask_hi is None or algo.seq_mask_hi >= 1, "algorithm.seq_mask_hi", "must be >= 1 (or null: off)")
+    # model: memory options
+    m = config.model
+    check(not m.offload_activations or m.gradient_checkpointing, "model.offload_activations",
+          "needs model.gradient_checkpointing=true (it offloads the inputs checkpointed layers save)")  # fmt: skip
+    check(not m.offload_embeddings or lora.enabled, "model.offload_embeddings",
+          "needs lora.enabled=true: the table stays frozen on the CPU (full fine-tuning trains it)")  # fmt: skip
+    check(not (m.offload_embeddings and (r.cuda_graphs or r.torch_compile)), "model.offload_embeddings",
+          "cannot run with rollout.cuda_graphs or rollout.torch_compile: the rows are gathered on the host, which a "
+          "captured or compiled decode step cannot hold; turn those off")  # fmt: skip
+    check(m.moe_chunk_tokens is None or m.moe_chunk_tokens >= 1, "model.moe_chunk_tokens", "must be >= 1 (or null)")
     # optimizer
     check(finite(opt.lr) and opt.lr > 0, "optim.lr", "must be a finite number > 0")
     check(len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas), "optim.betas", "needs two numbers in [0, 1)")
@@ -378,5 +406,12 @@ def validate(config: TrainConfig) -> None:
           "warmup.tool_first_steps", f"must be in [0, warmup.steps={warm.steps}]")  # fmt: skip
     check(config.task.eval_limit is None or config.task.eval_limit >= 1, "task.eval_limit", "must be >= 1 (or null)")
     check(config.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
+    par = config.parallel
+    for name in ("dp_replicate", "dp_shard", "sp"):
+        value = getattr(par, name)
+        check(value >= 1 or value == -1, f"parallel.{name}", f"must be >= 1 or -1 (all remaining ranks); got {value}")
+    check([par.dp_replicate, par.dp_shard, par.sp].count(-1) <= 1, "parallel",
+          "at most one of dp_replicate, dp_shard, sp may be -1")  # fmt: skip
+    check(finite(par.timeout_s) and par.timeout_s > 0, "parallel.timeout_s", "must be a finite number of seconds > 0")
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else "invalid config:\n  " + "\n  ".join(problems))

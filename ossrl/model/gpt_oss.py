@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -24,6 +25,7 @@ from ossrl.model.checkpoint import keeps_fp32, load_weights, resolve_checkpoint_
 from ossrl.model.config import GptOssConfig
 from ossrl.model.footprint import check_fits
 from ossrl.model.mxfp4 import MXFP4Weight
+from ossrl.model.offload import ActivationOffload, gather_rows
 
 
 class RMSNorm(nn.Module):
@@ -73,6 +75,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x1, x2 = x.float().chunk(2, dim=-1)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` whose table may be offloaded (``offloaded``, set by ``ossrl.model.offload``): it then lives on
+    the CPU, the batch's rows are gathered there and only they are copied to the ids' device."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__(num_embeddings, embedding_dim)
+        self.offloaded = False
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return gather_rows(self.weight, ids) if self.offloaded else super().forward(ids)
 
 
 class Linear(nn.Linear):
@@ -291,7 +305,7 @@ class GptOssBackbone(nn.Module):
 
     def __init__(self, config: GptOssConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -309,14 +323,16 @@ class GptOss(nn.Module):
         self.model = GptOssBackbone(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)  # (never gets a LoRA)
         self.gradient_checkpointing = False
+        # Saved-tensor hooks offloading checkpointed layers' inputs to host memory (``ossrl.model.offload``).
+        self.activation_offload: ActivationOffload | None = None
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.lm_head.weight.device  # (not the embedding's: that table may be offloaded to the CPU)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.lm_head.weight.dtype
 
     def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
         """Final normed hidden states [T, H] of a packed batch."""
@@ -324,11 +340,15 @@ class GptOss(nn.Module):
         inv_freq, concentration = rope_frequencies(self.config, x.device)
         angles = batch.position_ids.float().unsqueeze(1) * inv_freq
         rope = (angles.cos() * concentration, angles.sin() * concentration)
-        for layer in self.model.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rope, batch, use_reentrant=False)
-            else:
-                x = layer(x, rope, batch)
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
+        # A checkpointed layer saves only its input; with activation offload that input waits in host memory.
+        offload = self.activation_offload.hooks() if checkpointed and self.activation_offload else nullcontext()
+        with offload:
+            for layer in self.model.layers:
+                if checkpointed:
+                    x = checkpoint(layer, x, rope, batch, use_reentrant=False)
+                else:
+                    x = layer(x, rope, batch)
         return self.model.norm(x)
 
     def hidden_states(

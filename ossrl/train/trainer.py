@@ -409,6 +409,10 @@ class Trainer:
                 (lp.sum() * 0.0).backward()
 
     def _clip_gradients(self) -> torch.Tensor:
+        if self.dist is not None:
+            from ossrl.dist.fsdp import sum_gradients
+
+            sum_gradients(self.params, self.dp_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.optim.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor over the shards: the global norm on every rank
             grad_norm = grad_norm.full_tensor()
