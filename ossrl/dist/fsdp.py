@@ -9,8 +9,9 @@
 - Mixed precision: parameters compute in the dtype they are stored in (bf16 weights, fp32 norms, sinks and
   adapters: exactly the one-process numerics); gradients are reduced in fp32. FSDP2 needs one dtype per unit, so a
   block that mixes dtypes (a bf16 full fine-tune) is split into single-dtype units below it.
-- Gradients are SUMMED across ranks (divide factor 1): the trainer divides every rank's loss by the global token
-  count, so the sum is the one-process gradient.
+- FSDP2 AVERAGES gradients over the dp ranks; the trainer divides every rank's loss by the global token count, so
+  the one-process gradient is the SUM: ``sum_gradients`` multiplies the averaged gradients back by the dp size
+  (rather than a divide factor of 1, which needs NCCL's PreMulSum: gloo has none).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 
 def apply_fsdp(
@@ -58,10 +59,15 @@ def apply_fsdp(
         shard(model.model.norm, reshard=False)
     fully_shard(model, reshard_after_forward=False, **kwargs)  # the root: what is left, and the lazy init
     register_fsdp_forward_method(model, "hidden_states")
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)
     return model
+
+
+@torch.no_grad()
+def sum_gradients(params: list[torch.Tensor], dp_size: int) -> None:
+    """FSDP2's averaged gradients -> their sum over the ``dp_size`` data-parallel ranks."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads and dp_size > 1:
+        torch._foreach_mul_(grads, float(dp_size))
 
 
 def _is_sharded(p: torch.Tensor) -> bool:

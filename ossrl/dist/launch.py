@@ -9,6 +9,8 @@ import datetime
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,3 +106,20 @@ def _differences(a: Any, b: Any, where: str = "") -> list[str]:
             out += _differences(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))
         return out
     return [] if a == b else [where or "config"]
+
+
+@contextmanager
+def rank0_first(dist_ctx: DistContext | None, wait_s: float = 4 * 3600.0) -> Iterator[None]:
+    """Rank 0 runs the block first, then the others (one process: just the block). For work that fills a shared
+    cache (the tiny checkpoint, a warm start: minutes, longer than ``parallel.timeout_s``), so that only rank 0
+    writes it and the others read it. The wait has its own long timeout; a rank 0 that dies ends it at once."""
+    if dist_ctx is None or dist_ctx.world_size == 1:
+        yield
+        return
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=wait_s))
+    if not dist_ctx.is_main:
+        dist.barrier(group=group)
+    yield
+    if dist_ctx.is_main:
+        dist.barrier(group=group)
+    dist.destroy_process_group(group)

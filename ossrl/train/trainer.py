@@ -28,7 +28,7 @@ import torch
 from ossrl import rl
 from ossrl.config import TrainConfig
 from ossrl.determinism import deterministic
-from ossrl.dist.launch import DistContext
+from ossrl.dist.launch import DistContext, rank0_first
 from ossrl.model.lora import LoraConfig, apply_lora, disabled_lora, lora_parameters
 from ossrl.model.offload import apply_memory_options
 from ossrl.rollout import Engine, Request, SamplingParams
@@ -88,9 +88,10 @@ class Trainer:
         torch.manual_seed(config.seed)
         options = {"reasoning_effort": config.task.reasoning_effort, "seed": config.seed, **config.task.options}
         self.task = get_task(config.task.name, **options)
-        self.model, self.tokenizer, self.start_info = load_starting_point(
-            config, self.task, self.device, DTYPES[config.model.dtype]
-        )
+        with rank0_first(dist):  # rank 0 writes the tiny checkpoint / warm start to the cache, the others read it
+            self.model, self.tokenizer, self.start_info = load_starting_point(
+                config, self.task, self.device, DTYPES[config.model.dtype]
+            )
         self.model.gradient_checkpointing = config.model.gradient_checkpointing
         apply_memory_options(self.model, config.model)  # activation / embedding offload, chunked MoE
         if config.lora.enabled:
