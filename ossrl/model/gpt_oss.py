@@ -328,11 +328,11 @@ class GptOss(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device  # (not the embedding's: that table may be offloaded to the CPU)
+        return self.model.norm.weight.device  # (not the embedding's: that table may be offloaded to the CPU)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.embed_tokens.weight.dtype
 
     def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
         """Final normed hidden states [T, H] of a packed batch."""

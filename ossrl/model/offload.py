@@ -71,7 +71,7 @@ class ActivationOffload:
             tensor = self._to_device(saved)
             self.stats["restored"] += 1
             previous = saved.previous
-            if previous is not None and previous.pending is None and previous.host.device != previous.device:
+            if previous is not None and previous.pending is None and previous.device.type == "cuda":
                 previous.pending = self._start_copy_back(previous)
             return tensor
 
