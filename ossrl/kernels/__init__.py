@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ossrl.kernels import attention_cpu, batch_invariant
 from ossrl.kernels.attention_ref import check_sink_attention_inputs, sink_attention_ref
 from ossrl.kernels.common import _warned as _warned  # the set lives in common: reset common._warned to re-warn
-from ossrl.kernels.common import deterministic_enabled, triton_interpreting, warn_once
+from ossrl.kernels.common import deterministic_enabled, planned_gpu, triton_interpreting, warn_once
 from ossrl.kernels.decode_ref import check_paged_decode_inputs, paged_decode_attention, paged_decode_attention_ref
 
 
@@ -59,7 +59,7 @@ def sink_attention(
     """
     if deterministic_enabled():
         return batch_invariant.sink_attention(q, k, v, sinks, cu_seqlens, max_seqlen, window, softmax_scale)
-    if q.is_cuda:
+    if q.is_cuda or planned_gpu(q.device):  # (planning: the meta device stands for the GPU)
         try:  # imported here: importing Triton kernels reads TRITON_INTERPRET, and CPU-only installs need no Triton
             from ossrl.kernels.attention_triton import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, sink_attention_triton
         except ImportError as err:

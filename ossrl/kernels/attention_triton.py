@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ossrl.kernels.attention_ref import check_sink_attention_inputs
-from ossrl.kernels.common import triton_interpreting
+from ossrl.kernels.common import planned_gpu, planning, triton_interpreting
 
 LOG2E = math.log2(math.e)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -359,7 +359,7 @@ def check_kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks
         raise ValueError(f"sink_attention_triton supports {SUPPORTED_DTYPES}; got {q.dtype}")
     if window is not None and window >= 2**30:
         raise ValueError(f"window ({window}) too large; pass None for full causal attention")
-    if not triton_interpreting() and not q.is_cuda:
+    if not triton_interpreting() and not q.is_cuda and not planned_gpu(q.device):
         raise ValueError(f"sink_attention_triton needs CUDA tensors (or TRITON_INTERPRET=1); got {q.device}")
 
 
@@ -370,6 +370,8 @@ def _check_once(q, k, v, sinks, cu_seqlens, max_seqlen, window) -> None:
     """Validate, but read cu_seqlens (a GPU sync) only once per pack: a model calls attention once per layer with
     the same cu_seqlens tensor. A repeat is recognized by object identity and its version counter (bumped by any
     in-place change), together with every other argument's shape, dtype and device."""
+    if planning():  # shape-only tensors (``ossrl.memory``): nothing to read
+        return
     args = (q, k, v, sinks, cu_seqlens)
     # Inference-mode tensors have no version counter (and cannot be changed in place outside inference mode).
     version = None if cu_seqlens.is_inference() else cu_seqlens._version
@@ -389,13 +391,14 @@ def _forward(q, k, v, sinks, cu_seqlens, max_seqlen, window, sm_scale, cfg):
     lse = torch.empty(hq, t, device=q.device, dtype=torch.float32)
     batch = cu_seqlens.numel() - 1
     grid = (triton.cdiv(max_seqlen, cfg.fwd_m), hq, batch)
-    _fwd_kernel[grid](
-        q, k, v, sinks, out, lse, cu_seqlens,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        t, sm_scale * LOG2E, window or 0, hq // hkv,
-        HEAD_DIM=d, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, HAS_WINDOW=window is not None,
-        PRECISION=_precision(q.dtype), num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
-    )  # fmt: skip
+    if not planning():  # planning: the same allocations, no launch
+        _fwd_kernel[grid](
+            q, k, v, sinks, out, lse, cu_seqlens,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+            t, sm_scale * LOG2E, window or 0, hq // hkv,
+            HEAD_DIM=d, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, HAS_WINDOW=window is not None,
+            PRECISION=_precision(q.dtype), num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+        )  # fmt: skip
     return out, lse
 
 
@@ -408,30 +411,35 @@ def _backward(dout, q, k, v, sinks, cu_seqlens, out, lse, max_seqlen, window, sm
     pre_block = 64
     pre_grid = (triton.cdiv(max_seqlen, pre_block), hq, batch)
     dsink_part = torch.empty(hq, pre_grid[0] * batch, device=q.device, dtype=torch.float32)
-    _bwd_preprocess[pre_grid](
-        out, dout, lse, sinks, delta, dsink_part, cu_seqlens,
-        out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), t, HEAD_DIM=d, BLOCK_M=pre_block,
-    )  # fmt: skip
+    if not planning():  # planning: the same allocations, no launch
+        _bwd_preprocess[pre_grid](
+            out, dout, lse, sinks, delta, dsink_part, cu_seqlens,
+            out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), t, HEAD_DIM=d, BLOCK_M=pre_block,
+        )  # fmt: skip
     dsink = dsink_part.sum(dim=1).to(sinks.dtype)  # fixed-order reduction: deterministic
 
     common = dict(GROUP=hq // hkv, HEAD_DIM=d, HAS_WINDOW=window is not None, PRECISION=_precision(q.dtype))
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    _bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg.dkv_n), hkv, batch)](
-        q, k, v, dout, lse, delta, dk, dv, cu_seqlens,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        t, sm_scale * LOG2E, sm_scale, window or 0,
-        BLOCK_M=cfg.dkv_m, BLOCK_N=cfg.dkv_n, num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages, **common,
-    )  # fmt: skip
+    if not planning():  # planning: the same allocations, no launch
+        _bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg.dkv_n), hkv, batch)](
+            q, k, v, dout, lse, delta, dk, dv, cu_seqlens,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            dout.stride(0), dout.stride(1),
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            t, sm_scale * LOG2E, sm_scale, window or 0,
+            BLOCK_M=cfg.dkv_m, BLOCK_N=cfg.dkv_n, num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages, **common,
+        )  # fmt: skip
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    _bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg.dq_m), hq, batch)](
-        q, k, v, dout, lse, delta, dq, cu_seqlens,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
-        dq.stride(0), dq.stride(1),
-        t, sm_scale * LOG2E, sm_scale, window or 0,
-        BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, **common,
-    )  # fmt: skip
+    if not planning():  # planning: the same allocations, no launch
+        _bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg.dq_m), hq, batch)](
+            q, k, v, dout, lse, delta, dq, cu_seqlens,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            dout.stride(0), dout.stride(1),
+            dq.stride(0), dq.stride(1),
+            t, sm_scale * LOG2E, sm_scale, window or 0,
+            BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, **common,
+        )  # fmt: skip
     return dq, dk, dv, dsink
 
 

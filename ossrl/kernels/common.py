@@ -3,8 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("ossrl.kernels")
 _warned: set[str] = set()
@@ -38,3 +44,31 @@ def set_deterministic_flag(enabled: bool) -> bool:
     global _deterministic
     previous, _deterministic = _deterministic, bool(enabled)
     return previous
+
+
+# Planning mode (``ossrl memory``, ``ossrl.memory``): the model runs on shape-only tensors of the "meta" device, which
+# stands for the GPU being planned for. Dispatch points treat meta like CUDA (``planned_gpu``), probes and self-checks
+# answer "works" without running anything, and Triton kernels allocate their outputs and workspaces but launch
+# nothing, so the planner sees the memory of the GPU path (never the O(N^2) reference attention).
+_planning = False
+
+
+def planning() -> bool:
+    """Whether kernels run in planning mode (shape-only tensors; see ``planned_gpu``)."""
+    return _planning
+
+
+def planned_gpu(device: torch.device) -> bool:
+    """Whether ``device`` is the planned GPU: the meta device, in planning mode."""
+    return _planning and device.type == "meta"
+
+
+@contextlib.contextmanager
+def planning_mode() -> Iterator[None]:
+    """Planning mode for the duration of the block (a process-wide flag, like ``deterministic``)."""
+    global _planning
+    previous, _planning = _planning, True
+    try:
+        yield
+    finally:
+        _planning = previous

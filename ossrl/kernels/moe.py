@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ossrl.kernels import batch_invariant, mxfp4_ref
-from ossrl.kernels.common import deterministic_enabled, warn_once
+from ossrl.kernels.common import deterministic_enabled, planned_gpu, warn_once
 
 
 class PackedWeight(Protocol):
@@ -62,6 +62,8 @@ _GROUPED_MM_WORKS: dict[tuple[torch.device, torch.dtype], bool] = {}
 
 @torch.compiler.assume_constant_result  # a torch.compile trace takes the answer, never traces the probe
 def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    if planned_gpu(device):  # planning (``ossrl.memory``): the GPU's answer, nothing run, nothing cached
+        return dtype in (torch.bfloat16, torch.float16)
     if (device, dtype) not in _GROUPED_MM_WORKS:
         _GROUPED_MM_WORKS[device, dtype] = _probe_grouped_mm(device, dtype)
     return _GROUPED_MM_WORKS[device, dtype]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ossrl.kernels.common import warn_once
+from ossrl.kernels.common import planned_gpu, warn_once
 from ossrl.kernels.mxfp4_format import check_mxfp4_grouped_dx_inputs, check_mxfp4_grouped_inputs, dequantize_mxfp4
 
 
@@ -128,7 +128,9 @@ _KERNEL_WORKS: dict[tuple[torch.device, torch.dtype], bool] = {}
 def mxfp4_kernel_works(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the Triton kernels (forward and dX) run on ``device`` for ``dtype`` and agree with the references
     (checked once). Under a ``FakeTensorMode`` nothing can run: the answer is whether they would be tried (CUDA,
-    bf16/fp16), not cached, unless a real check already answered."""
+    bf16/fp16), not cached, unless a real check already answered. Planning (``ossrl.memory``): the GPU's answer."""
+    if planned_gpu(device):
+        return dtype in (torch.bfloat16, torch.float16)
     if (device, dtype) not in _KERNEL_WORKS:
         answer, checked = _self_check(device, dtype)
         if not checked:
