@@ -79,12 +79,57 @@ def packed_logprobs(
     if bool((targets & starts).any()):
         raise ValueError("a target token is the first of its sequence: nothing predicts it")
     index = targets.nonzero().squeeze(1)
+    group = getattr(model, "sp_group", None)  # set by ossrl.dist.ulysses.apply_ulysses
+    if group is not None:
+        return _sequence_parallel_logprobs(model, group, tokens, cu_seqlens, index, temperature=temperature,
+                                           chunk_size=chunk_size, routes=routes, route_log=route_log)  # fmt: skip
     if routes is None and route_log is None:
         hidden = model.hidden_states(tokens, cu_seqlens=cu_seqlens)
     else:
         hidden = model.hidden_states(tokens, cu_seqlens=cu_seqlens, routes=routes, route_log=route_log)
     return token_logprobs(model.lm_head, hidden[index - 1], tokens[index], temperature=temperature,
                           chunk_size=chunk_size)  # fmt: skip
+
+
+def _sequence_parallel_logprobs(
+    model: nn.Module,
+    group,
+    tokens: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    index: torch.Tensor,
+    *,
+    temperature: float,
+    chunk_size: int,
+    routes: torch.Tensor | None,
+    route_log: list | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``packed_logprobs`` under Ulysses SP: the model runs on this rank's shard of the tokens, the log-probs of the
+    targets its hidden states predict are computed here, and every rank gets all [M], in order (the same values on
+    every rank of the group, so the loss after it is unchanged; gradients: ``ossrl.dist.ulysses``)."""
+    import torch.distributed as dist
+
+    from ossrl.dist.ulysses import gather_sequence, shard_batch
+
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    shard = shard_batch(tokens, cu_seqlens, rank=rank, size=size)
+    rows = index - 1  # the position whose hidden state predicts each target
+    sizes = []
+    for r in range(size):
+        lo, hi = shard.bounds(r)
+        sizes.append(int(((rows >= lo) & (rows < hi)).sum()))
+    mine = rows[(rows >= shard.start) & (rows < shard.stop)]
+    local_log = None if route_log is None else [None] * len(route_log)
+    local_routes = None if routes is None else shard.local(routes, fill=-1)
+    hidden = model.hidden_states(shard.input_ids, shard=shard, routes=local_routes, route_log=local_log)
+    h = hidden[mine - shard.start]
+    lp, entropy = token_logprobs(model.lm_head, h, tokens[mine + 1], temperature=temperature, chunk_size=chunk_size)
+    if h.requires_grad and not lp.requires_grad:  # no target here: keep the local graph in the backward, whose
+        lp, entropy = lp + h[:, 0].float(), entropy + h[:, 0].float()  # all-to-alls the other ranks wait on
+    both = gather_sequence(torch.stack([lp, entropy], dim=1), group, sizes)
+    if route_log is not None:
+        for layer, chosen in enumerate(local_log):
+            route_log[layer] = gather_sequence(chosen, group)[: shard.total]
+    return both[:, 0], both[:, 1]
 
 
 def logprobs_of(
