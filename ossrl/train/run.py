@@ -44,7 +44,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         except Exception as err:
             if _collective_failure(err):
                 raise DistributedError(
-                    f"rank {dist.rank}/{dist.world_size}: a collective with the other ranks failed "
+                    f"a collective with the other ranks failed "
                     f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}): another rank "
                     f"probably stopped (see its error), or one waited longer than parallel.timeout_s="
                     f"{config.parallel.timeout_s:g}"

@@ -102,7 +102,7 @@ class Trainer:
         else:
             self.params = [p for p in self.model.parameters() if p.requires_grad]
         engine_model = self.model  # one process: the engine runs the trainer's very model
-        self.mesh, self.dp_group, self.dp_rank, self.dp_size = None, None, 0, 1
+        self.mesh, self.dp_group, self.dp_rank, self.dp_size, self.sp_group = None, None, 0, 1, None
         if dist is not None:
             engine_model = self._distribute()
         opt = config.optim
@@ -139,7 +139,8 @@ class Trainer:
         if sizes["sp"] > 1:
             from ossrl.dist.ulysses import apply_ulysses
 
-            apply_ulysses(self.model, self.mesh["sp"].get_group())
+            self.sp_group = self.mesh["sp"].get_group()
+            apply_ulysses(self.model, self.sp_group)
         apply_fsdp(self.model, dp_mesh(self.mesh), lora=lora)
         # fully_shard replaced the parameters by DTensor shards: the optimizer gets those
         self.params = lora_parameters(self.model) if lora else [p for p in self.model.parameters() if p.requires_grad]
@@ -292,6 +293,8 @@ class Trainer:
         cfg, algo = self.config, self.config.algorithm
         batch, rewards, reward_values, metrics = self.rollout()
         self.engine.release_memory()  # the KV cache's memory is the update's until the next rollout
+        if self.sp_group is not None:
+            self._check_sp_batch(batch)
         everything = self._gathered(batch, rewards, reward_values)
         metrics.update(self._reward_metrics(*everything[:3]))
         if self._all_sum(float(batch.num_seqs > 0 and bool(batch.loss_mask.any()))) == 0:  # on every rank alike
@@ -409,11 +412,34 @@ class Trainer:
                         forward_logprobs(self.model, filler, self.config.rollout.temperature)
                 (lp.sum() * 0.0).backward()
 
+    def _check_sp_batch(self, batch: RolloutBatch) -> None:
+        """The sp ranks of one dp rank sample the same prompts with the same seeds on the same weights, so they hold
+        the same batch, which Ulysses then splits by tokens; checked (a cheap digest) rather than assumed, since a
+        kernel that is not run-to-run deterministic would make them differ and train on garbage."""
+        import torch.distributed as tdist
+
+        digest = (
+            batch.num_seqs,
+            int(batch.tokens.sum()),
+            int(batch.tokens.numel()),
+            float(batch.sampler_logprobs.sum()),
+        )
+        digests: list[Any] = [None] * tdist.get_world_size(self.sp_group)
+        tdist.all_gather_object(digests, digest, group=self.sp_group)
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"step {self.step + 1}: the sequence-parallel ranks of one data-parallel rank sampled "
+                               f"different rollouts ({digests}); the rollout is not deterministic across processes "
+                               "here (set deterministic: true)")  # fmt: skip
+
     def _clip_gradients(self) -> torch.Tensor:
         if self.dist is not None:
             from ossrl.dist.fsdp import sum_gradients
 
             sum_gradients(self.params, self.dp_size)
+        if self.sp_group is not None:  # each sp rank back-propagated from its shard of the tokens: sum the parts
+            from ossrl.dist.ulysses import sp_all_reduce_grads
+
+            sp_all_reduce_grads(self.params, self.sp_group)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.optim.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor over the shards: the global norm on every rank
             grad_norm = grad_norm.full_tensor()
