@@ -13,6 +13,7 @@ from ossrl.config import ConfigError, load_config
 from ossrl.kernels import moe as moe_module
 from ossrl.model import GptOss
 from ossrl.model import gpt_oss as gpt_oss_module
+from ossrl.model.lora import LoraConfig, apply_lora
 from ossrl.model.offload import ActivationOffload, apply_memory_options, gather_rows
 from ossrl.model.tiny import tiny_config
 from ossrl.rollout import Engine, Request, SamplingParams
@@ -167,7 +168,7 @@ def test_gather_rows_equals_the_embedding():
     assert torch.equal(gather_rows(weight, ids), torch.nn.functional.embedding(ids, weight))
 
 
-def test_moe_chunk_tokens_reaches_every_layer_and_changes_nothing(monkeypatch, reference):
+def test_moe_chunk_tokens_reaches_every_layer_and_changes_nothing_with_both_offloads(monkeypatch, reference):
     chunked: list[int] = []
     original = moe_module._chunked
 
@@ -176,15 +177,13 @@ def test_moe_chunk_tokens_reaches_every_layer_and_changes_nothing(monkeypatch, r
         return original(x, expert_ids, expert_weights, args, chunk_tokens)
 
     monkeypatch.setattr(moe_module, "_chunked", spy)
-    got = step("model.moe_chunk_tokens=8")
+    got = step("model.moe_chunk_tokens=48", "model.offload_activations=true", "model.offload_embeddings=true")
     assert_same_step(got, reference, atol=1e-6)
-    assert all(layer.mlp.experts.chunk_tokens == 8 for layer in got[0].model.model.layers)
-    assert chunked and set(chunked) == {8}  # the training forward ran its MoE layers in chunks
-
-
-def test_all_memory_options_together(reference):
-    got = step("model.offload_activations=true", "model.offload_embeddings=true", "model.moe_chunk_tokens=8")
-    assert_same_step(got, reference, atol=1e-6)
+    model = got[0].model
+    assert all(layer.mlp.experts.chunk_tokens == 48 for layer in model.model.layers)
+    assert chunked and set(chunked) == {48}  # the training forward ran its MoE layers in chunks
+    stats, layers = model.activation_offload.stats, model.config.num_hidden_layers
+    assert stats["saved"] and stats["saved"] % layers == 0  # the MoE chunks' own checkpoints save nothing here
 
 
 @pytest.mark.parametrize(
@@ -230,3 +229,55 @@ def test_packed_forward_with_an_offloaded_table_still_matches():
     apply_memory_options(model, settings)
     assert model.model.embed_tokens.offloaded and not model.model.embed_tokens.weight.requires_grad
     assert torch.equal(model(ids), before)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the offloads' copies only run on a GPU")
+
+
+@cuda
+def test_cuda_activation_offload_frees_layer_inputs_and_gives_bit_equal_gradients():
+    model = GptOss.from_config(tiny_config(vocab_size=64), dtype=torch.float32, device="cuda")
+    model.gradient_checkpointing = True
+    tokens, layers = 8192, model.config.num_hidden_layers
+    ids = torch.randint(0, 64, (tokens,), device="cuda")
+    cu = torch.tensor([0, 3000, tokens], dtype=torch.int32, device="cuda")
+
+    def run() -> tuple[list[torch.Tensor], int]:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        out = model.hidden_states(ids, cu_seqlens=cu)
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - start  # what the forward keeps for the backward
+        out.square().mean().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None], held
+
+    plain, held_plain = run()
+    model.activation_offload = ActivationOffload()
+    offloaded, held_offloaded = run()
+    for a, b in zip(plain, offloaded, strict=True):
+        assert torch.equal(a, b)
+    stats = model.activation_offload.stats
+    assert stats["saved"] == stats["restored"] == layers and stats["prefetched"] == layers - 1
+    assert held_plain - held_offloaded >= (layers - 1) * tokens * model.config.hidden_size * 4
+
+
+@cuda
+def test_cuda_embedding_table_on_the_cpu_gives_the_same_logits_and_gradients():
+    model = GptOss.from_config(tiny_config(vocab_size=64), dtype=torch.float32, device="cuda")
+    apply_lora(model, LoraConfig(r=4, targets=("q_proj",)), generator=torch.Generator("cuda").manual_seed(0))
+    ids = torch.randint(0, 64, (2, 9), device="cuda")
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        logits = model(ids)
+        logits.square().mean().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    before, grads = run()
+    apply_memory_options(model, load_config(None, ["model.offload_embeddings=true"]).model)
+    assert model.model.embed_tokens.weight.device.type == "cpu" and model.device.type == "cuda"
+    after, offloaded = run()
+    assert torch.equal(after, before) and grads
+    for a, b in zip(grads, offloaded, strict=True):
+        assert torch.equal(a, b)
