@@ -221,6 +221,15 @@ def test_apply_memory_options_refuses_activation_offload_without_checkpointing()
     assert model.activation_offload is None
 
 
+def test_offload_embeddings_of_a_shape_only_model():
+    with torch.device("meta"):  # what ``ossrl memory`` builds
+        model = GptOss(tiny_config(vocab_size=64))
+    apply_memory_options(model, load_config(None, ["model.offload_embeddings=true"]).model)
+    weight = model.model.embed_tokens.weight
+    assert weight.device.type == "cpu" and weight.shape == (64, 128) and not weight.requires_grad
+    assert model.device.type == "meta"
+
+
 def test_packed_forward_with_an_offloaded_table_still_matches():
     model = GptOss.from_config(tiny_config(vocab_size=64), dtype=torch.float32)
     ids = torch.randint(0, 64, (2, 7))

@@ -147,10 +147,12 @@ def gather_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def offload_embeddings(model: nn.Module) -> None:
     """Move the model's embedding table (``model.model.embed_tokens.weight``) to the CPU, frozen. The module's
     forward then gathers rows there (``gather_rows``); the parameter keeps its name, so state dicts and checkpoints
-    are unchanged."""
+    are unchanged. A meta (shape-only) table becomes an uninitialised one on the host; a fake one (``FakeTensorMode``,
+    ``ossrl memory``) a fake one there."""
     embed = model.model.embed_tokens
-    embed.weight.requires_grad_(False)
-    embed.weight.data = embed.weight.data.to(_HOST)
+    weight = embed.weight.detach()
+    host = torch.empty_like(weight, device=_HOST) if weight.is_meta else weight.to(_HOST)
+    embed.weight = nn.Parameter(host, requires_grad=False)  # (a new parameter: ``.data =`` cannot leave meta)
     embed.offloaded = True
 
 
