@@ -91,21 +91,40 @@ def cache(tmp_path_factory) -> str:
     return f"warmup.cache_dir={tmp_path_factory.mktemp('warm')}"
 
 
-def test_two_processes_train_like_one_lora(tmp_path, cache):
-    args = [*TINY, *WARM, cache]
-    one = _run([sys.executable, "-m", "ossrl", "train", *args, f"logging.run_dir={tmp_path / 'one'}"])
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _torchrun([*args, f"logging.run_dir={tmp_path / 'two'}", "parallel.timeout_s=120"])
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, cache) -> Path:
+    """The reference: the LoRA recipe in one plain process (it also fills the warm-start cache)."""
+    run_dir = tmp_path_factory.mktemp("one")
+    out = _run([sys.executable, "-m", "ossrl", "train", *TINY, *WARM, cache, f"logging.run_dir={run_dir}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run_dir
+
+
+def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / "checkpoint-000003" / "adapter" / "adapter_model.safetensors")
+
+
+def test_two_processes_train_like_one_lora(tmp_path, cache, one_process):
+    two = _torchrun([*TINY, *WARM, cache, f"logging.run_dir={tmp_path}", "parallel.timeout_s=120"])
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    _same_run(_metrics(tmp_path / "one"), _metrics(tmp_path / "two"))
-    samples = [(tmp_path / d / "samples.jsonl").read_text() for d in ("one", "two")]
+    _same_run(_metrics(one_process), _metrics(tmp_path))
+    samples = [(d / "samples.jsonl").read_text() for d in (one_process, tmp_path)]
     assert samples[0] == samples[1]  # rank 0 writes the step's first sequences, gathered from the ranks
-    adapters = [load_file(tmp_path / d / "checkpoints" / "checkpoint-000003" / "adapter" / "adapter_model.safetensors")
-                for d in ("one", "two")]  # fmt: skip
-    assert adapters[0].keys() == adapters[1].keys()
-    for name, value in adapters[0].items():
-        torch.testing.assert_close(adapters[1][name], value, rtol=0, atol=1e-4, msg=name)
-    assert not (tmp_path / "two" / "tensorboard").exists() and (tmp_path / "two" / "summary.json").is_file()
+    expected, got = _adapter(one_process), _adapter(tmp_path)
+    assert expected.keys() == got.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-4, msg=name)
+    assert "eval_after" in json.loads((tmp_path / "summary.json").read_text())  # rank 0 wrote the run's files
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["hsdp", "sp"])
+def test_two_processes_hsdp_and_sequence_parallel_train_like_one(tmp_path, cache, one_process, layout):
+    mesh = {"hsdp": ["parallel.dp_replicate=2", "parallel.dp_shard=1"],
+            "sp": ["parallel.sp=2", "parallel.dp_shard=1"]}[layout]  # fmt: skip
+    two = _torchrun([*TINY, *WARM, cache, *mesh, f"logging.run_dir={tmp_path}", "parallel.timeout_s=120"])
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    _same_run(_metrics(one_process), _metrics(tmp_path))
 
 
 @pytest.mark.slow
@@ -131,6 +150,7 @@ def test_mesh_shapes_and_their_errors():
         check_heads(4, config)
 
 
+@pytest.mark.slow
 def test_a_mesh_that_does_not_fit_fails_on_every_rank(tmp_path):
     out = _torchrun([*TINY, "warmup.steps=0", "parallel.dp_shard=3", f"logging.run_dir={tmp_path}"])
     assert out.returncode != 0
@@ -138,6 +158,7 @@ def test_a_mesh_that_does_not_fit_fails_on_every_rank(tmp_path):
         assert f"[rank {rank}] parallel: dp_replicate=1, dp_shard=3, sp=1 is a mesh of 3 processes" in out.stderr
 
 
+@pytest.mark.slow
 def test_mismatched_configs_fail_on_every_rank(tmp_path):
     base = [*TINY, "warmup.steps=0", f"logging.run_dir={tmp_path}"]
     procs = _ranks([[*base, "optim.lr=1e-2"], [*base, "optim.lr=2e-2"]])
@@ -167,7 +188,7 @@ MISBEHAVE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("mode", ["die", "hang"])
+@pytest.mark.parametrize("mode", ["die", pytest.param("hang", marks=pytest.mark.slow)])
 def test_a_rank_that_dies_or_hangs_stops_the_run_with_an_error(tmp_path, mode, monkeypatch):
     script = tmp_path / "misbehave.py"
     script.write_text(MISBEHAVE)
