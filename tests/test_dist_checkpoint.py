@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -153,10 +155,19 @@ def main(out: Path) -> None:
     dist.destroy_process_group()
 
 
-def _torchrun(*args: str, cwd: Path = ROOT, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env_extra or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    with socket.socket() as s:  # a rendezvous port of our own (other torchrun tests may run at the same time)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rdzv = ["--nnodes", "1", "--rdzv-backend", "c10d", f"--rdzv-endpoint=127.0.0.1:{port}"]
+    return _run([sys.executable, "-m", "torch.distributed.run", *rdzv, "--nproc-per-node", "2", *args])
 
 
 def _assert_equal_state(got: dict, want: dict) -> None:
@@ -180,8 +191,7 @@ def test_two_process_checkpoints_load_in_one_process_and_back(tmp_path):
     save_training_state(single, tmp_path / "single" / "checkpoint-000002", run_id="r")
     want_single = _full_state(single)
 
-    proc = _torchrun(__file__, str(tmp_path))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _torchrun(__file__, str(tmp_path))
 
     for kind in ("lora", "full"):
         ckpt = tmp_path / kind / "checkpoint-000002"
@@ -213,6 +223,65 @@ def test_two_process_checkpoints_load_in_one_process_and_back(tmp_path):
     assert [p.name for p in checkpoint_dirs(failed)] == ["checkpoint-000001"]
     assert verify_checkpoint(failed / "checkpoints" / "checkpoint-000001", "r") is None
     assert not (failed / "checkpoints" / "checkpoint-000002.partial").exists()
+
+
+TINY_RUN = [
+    "configs/tiny_cpu.yaml", "rollout.prompts_per_step=4", "rollout.n=2", "rollout.max_new_tokens=24",
+    "rollout.max_turns=2", "task.eval_limit=2", "checkpoint.every=1", "logging.progress=false", "logging.report_to=[]",
+    "optim.lr=1e-2", "lora.targets=[q_proj, v_proj, gate_up_proj]", "task.options.system_message=false",
+    "model.device=cpu", "parallel.timeout_s=120",
+    # a short supervised warm start, so that rewards (and so gradients) are not all zero
+    "warmup.steps=40", "warmup.tool_first_steps=0", "warmup.examples=200", "warmup.batch_size=16",
+]  # fmt: skip
+TIMING = ("time", "tokens_per_s", "seconds", "peak_memory")
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not any(t in k for t in TIMING)} for r in rows]
+
+
+def _same_step(want: dict, got: dict) -> None:
+    assert set(want) == set(got)
+    for key, value in want.items():  # rewards and counts exactly; sums reduced across ranks to 1e-4
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (want["step"], key)
+
+
+@pytest.mark.slow
+def test_a_two_process_run_resumes_in_one_process_and_a_one_process_run_in_two(tmp_path):
+    from safetensors.torch import load_file
+
+    from ossrl.train.state import checkpoint_dirs, verify_checkpoint
+
+    common = [*TINY_RUN, f"warmup.cache_dir={tmp_path / 'warm'}"]
+    ossrl = [sys.executable, "-m", "ossrl", "train"]
+    one, two, back = tmp_path / "one", tmp_path / "two", tmp_path / "back"
+    _run([*ossrl, *common, "steps=3", f"logging.run_dir={one}"])  # the reference (and it fills the warm-start cache)
+    reference = _metrics(one)
+    assert [r["step"] for r in reference] == [1, 2, 3] and reference[2]["grad_norm"] > 0
+
+    _torchrun("-m", "ossrl", "train", *common, "steps=2", f"logging.run_dir={two}")
+    assert [p.name for p in checkpoint_dirs(two)] == ["checkpoint-000001", "checkpoint-000002"]
+    assert all((p / "dcp" / ".metadata").is_file() for p in checkpoint_dirs(two))
+    _run([*ossrl, *common, "steps=3", "checkpoint.resume=true", f"logging.run_dir={two}"])
+    resumed = _metrics(two)
+    assert [r["step"] for r in resumed] == [1, 2, 3]  # step 3 ran in one process and was appended
+    assert "checkpoint-000002 at step 2" in (two / "events.log").read_text()
+    _same_step(reference[2], resumed[2])
+    last = two / "checkpoints" / "checkpoint-000003"
+    assert verify_checkpoint(last) is None and not (last / "dcp").exists()  # written as one process writes
+    adapter = "adapter/adapter_model.safetensors"
+    want, got = load_file(one / "checkpoints" / "checkpoint-000003" / adapter), load_file(last / adapter)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-4, msg=name)
+
+    shutil.copytree(one, back)  # the one-process run as if it had stopped after step 2, resumed by 2 processes
+    shutil.rmtree(back / "checkpoints" / "checkpoint-000003")
+    _torchrun("-m", "ossrl", "train", *common, "steps=3", "checkpoint.resume=true", f"logging.run_dir={back}")
+    continued = _metrics(back)
+    assert [r["step"] for r in continued] == [1, 2, 3]
+    _same_step(reference[2], continued[2])
+    assert (back / "checkpoints" / "checkpoint-000003" / "dcp" / ".metadata").is_file()
 
 
 if __name__ == "__main__":
