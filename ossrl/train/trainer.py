@@ -226,8 +226,8 @@ class Trainer:
             batch_rows = step_rows[lo:hi]
             seed = self.config.seed * 1_000_003 + self.step * 101 + attempts
             requests = [Request(self.task.render_prompt(row, self.tokenizer), n=r.n) for row in batch_rows]
-            batch = self.engine.rollout(requests, self.sampling(seed), tools=self.task.tool_functions or None,
-                                        first_request_id=lo)  # fmt: skip
+            ids = {"first_request_id": lo} if lo else {}  # global request ids: the one-process random streams
+            batch = self.engine.rollout(requests, self.sampling(seed), tools=self.task.tool_functions or None, **ids)
             attempts += 1
             ok = (batch.finish != ERROR).nonzero().squeeze(1).cpu()
             errors += batch.num_seqs - ok.numel()
