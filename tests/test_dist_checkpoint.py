@@ -108,7 +108,7 @@ def _full_state(trainer) -> dict:
             "lr": trainer.scheduler.get_last_lr(), "step": trainer.step, "position": trainer.position}  # fmt: skip
 
 
-def main(out: Path) -> None:
+def main(out: Path, mode: str = "all") -> None:
     """The torchrun worker (2 gloo processes); writes what the test compares under ``out``."""
     import torch.distributed as dist
     from torch.distributed.checkpoint import FileSystemWriter
@@ -118,6 +118,9 @@ def main(out: Path) -> None:
 
     ctx = init_distributed("cpu", 60.0)
     rank = ctx.rank
+    if mode == "die":
+        _die_while_saving(ctx, out)
+        return
     for lora in (True, False):
         trainer = _trainer(lora, dist=ctx)
         _train(trainer, 2, rank)
@@ -153,6 +156,29 @@ def main(out: Path) -> None:
     (out / f"failed_rank{rank}.txt").write_text(outcome)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _die_while_saving(ctx, out: Path) -> None:
+    """Rank 1's process ends in the middle of writing its shards of the second checkpoint: rank 0 must fail with
+    a clear error (not hang), and the first checkpoint stays the last good one."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from ossrl.train.state import CheckpointWriteError, save_training_state
+
+    trainer = _trainer(True, dist=ctx)
+    root = out / "checkpoints"
+    _train(trainer, 1, ctx.rank)
+    save_training_state(trainer, root / "checkpoint-000001", run_id="r")
+    _train(trainer, 1, ctx.rank)
+    if ctx.rank == 1:
+        FileSystemWriter.write_data = lambda self, plan, planner: os._exit(3)
+    try:
+        save_training_state(trainer, root / "checkpoint-000002", run_id="r")
+        outcome = "saved"
+    except CheckpointWriteError as err:
+        outcome = str(err)
+    (out / f"died_rank{ctx.rank}.txt").write_text(outcome)
+    os._exit(0)  # the process group has a dead member: no orderly teardown
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -225,6 +251,28 @@ def test_two_process_checkpoints_load_in_one_process_and_back(tmp_path):
     assert not (failed / "checkpoints" / "checkpoint-000002.partial").exists()
 
 
+@pytest.mark.slow
+def test_a_rank_that_dies_mid_save_leaves_the_previous_checkpoint_the_last_good_one(tmp_path):
+    from ossrl.train.state import checkpoint_dirs, verify_checkpoint
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):  # plain processes with torchrun's environment: no agent to stop rank 0 when rank 1 dies
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, __file__, str(tmp_path), "die"], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 3], outputs
+    message = (tmp_path / "died_rank0.txt").read_text()
+    assert message.startswith("cannot write checkpoint") and "earlier checkpoints are intact" in message, message
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["checkpoint-000001"]
+    assert verify_checkpoint(tmp_path / "checkpoints" / "checkpoint-000001", "r") is None
+    assert not (tmp_path / "checkpoints" / "checkpoint-000002").exists()
+
+
 TINY_RUN = [
     "configs/tiny_cpu.yaml", "rollout.prompts_per_step=4", "rollout.n=2", "rollout.max_new_tokens=24",
     "rollout.max_turns=2", "task.eval_limit=2", "checkpoint.every=1", "logging.progress=false", "logging.report_to=[]",
@@ -285,4 +333,4 @@ def test_a_two_process_run_resumes_in_one_process_and_a_one_process_run_in_two(t
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *sys.argv[2:])
