@@ -15,17 +15,35 @@ from torch.utils.checkpoint import checkpoint
 from ossrl.kernels import batch_invariant, deterministic_enabled
 from ossrl.train.batching import pack_sequences
 
+# A chunk's fp32 logits hold at most this many values (64 MiB). The backward of a chunk (its recompute, the softmax,
+# the gradients of each) has ~16 matrices of that size alive at its peak: ~1 GiB whatever the vocabulary (gpt-oss's
+# 201,088 columns: 83 rows a chunk), where 2,048 rows took 4.6 GiB (measured with ``ossrl memory``).
+CHUNK_VALUES = 2**24
+
+
+def chunk_rows(vocab_size: int) -> int:
+    """Rows of one log-prob chunk for a vocabulary of ``vocab_size``: CHUNK_VALUES logits, 16 to 2,048 rows."""
+    return max(16, min(2048, CHUNK_VALUES // max(vocab_size, 1)))
+
 
 def _chunk_logprobs(
-    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, entropy_grad: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     logits = head(hidden).float() / temperature
+    # Without ``entropy_grad`` the entropy is a metric: computed outside autograd, so the chunk's recompute in the
+    # backward does not save (and keep until the backward ends) its softmax and logits for a gradient never taken.
+    entropy_mode = torch.enable_grad() if entropy_grad and torch.is_grad_enabled() else torch.no_grad()
     if deterministic_enabled():  # the sampler's arithmetic (ossrl.rollout.sampling), bit for bit
-        return batch_invariant.token_logprobs_and_entropy(logits, targets)
+        if entropy_grad:
+            return batch_invariant.token_logprobs_and_entropy(logits, targets)
+        with entropy_mode:
+            entropy = batch_invariant.token_logprobs_and_entropy(logits, targets)[1]
+        return batch_invariant.token_logprobs(logits, targets), entropy
     lse = torch.logsumexp(logits, dim=-1)
     logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    probs = torch.softmax(logits, dim=-1)
-    entropy = lse - (probs * logits).sum(-1)
+    with entropy_mode:
+        probs = torch.softmax(logits, dim=-1)
+        entropy = lse - (probs * logits).sum(-1)
     return logprobs, entropy
 
 
@@ -35,9 +53,13 @@ def token_logprobs(
     targets: torch.Tensor,
     *,
     temperature: float = 1.0,
-    chunk_size: int = 2048,
+    chunk_size: int | None = None,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [N, H] (states that predict ``targets`` [N]) -> (log-probs [N], entropies [N]), both fp32."""
+    """hidden [N, H] (states that predict ``targets`` [N]) -> (log-probs [N], entropies [N]), both fp32.
+    ``chunk_size``: rows per chunk (default ``chunk_rows`` of the head's vocabulary). ``entropy_grad=False``: the
+    entropies carry no gradient (a metric), which saves the backward ~2 chunks of fp32 logits per chunk."""
+    chunk_size = chunk_size or chunk_rows(head.weight.shape[0])
     if hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"hidden has {hidden.shape[0]} rows but targets {targets.shape[0]}")
     if temperature <= 0:
@@ -46,9 +68,9 @@ def token_logprobs(
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
-            lp, ent = checkpoint(_chunk_logprobs, head, h, t, temperature, use_reentrant=False)
+            lp, ent = checkpoint(_chunk_logprobs, head, h, t, temperature, entropy_grad, use_reentrant=False)
         else:
-            lp, ent = _chunk_logprobs(head, h, t, temperature)
+            lp, ent = _chunk_logprobs(head, h, t, temperature, entropy_grad)
         logprobs.append(lp)
         entropies.append(ent)
     if not logprobs:
@@ -64,9 +86,10 @@ def packed_logprobs(
     targets: torch.Tensor,
     *,
     temperature: float = 1.0,
-    chunk_size: int = 2048,
+    chunk_size: int | None = None,
     routes: torch.Tensor | None = None,
     route_log: list | None = None,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One packed forward over ``tokens`` [T] (sequences at ``cu_seqlens``); log-probs and entropies [M] of the
     tokens where ``targets`` [T] (bool) is set, in order. A target may not be the first token of its sequence.
@@ -82,13 +105,14 @@ def packed_logprobs(
     group = getattr(model, "sp_group", None)  # set by ossrl.dist.ulysses.apply_ulysses
     if group is not None:
         return _sequence_parallel_logprobs(model, group, tokens, cu_seqlens, index, temperature=temperature,
-                                           chunk_size=chunk_size, routes=routes, route_log=route_log)  # fmt: skip
+                                           chunk_size=chunk_size, routes=routes, route_log=route_log,
+                                           entropy_grad=entropy_grad)  # fmt: skip
     if routes is None and route_log is None:
         hidden = model.hidden_states(tokens, cu_seqlens=cu_seqlens)
     else:
         hidden = model.hidden_states(tokens, cu_seqlens=cu_seqlens, routes=routes, route_log=route_log)
     return token_logprobs(model.lm_head, hidden[index - 1], tokens[index], temperature=temperature,
-                          chunk_size=chunk_size)  # fmt: skip
+                          chunk_size=chunk_size, entropy_grad=entropy_grad)  # fmt: skip
 
 
 def _sequence_parallel_logprobs(
@@ -99,9 +123,10 @@ def _sequence_parallel_logprobs(
     index: torch.Tensor,
     *,
     temperature: float,
-    chunk_size: int,
+    chunk_size: int | None,
     routes: torch.Tensor | None,
     route_log: list | None,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``packed_logprobs`` under Ulysses SP: the model runs on this rank's shard of the tokens, the log-probs of the
     targets its hidden states predict are computed here, and every rank gets all [M], in order (the same values on
@@ -122,7 +147,8 @@ def _sequence_parallel_logprobs(
     local_routes = None if routes is None else shard.local(routes, fill=-1)
     hidden = model.hidden_states(shard.input_ids, shard=shard, routes=local_routes, route_log=local_log)
     h = hidden[mine - shard.start]
-    lp, entropy = token_logprobs(model.lm_head, h, tokens[mine + 1], temperature=temperature, chunk_size=chunk_size)
+    lp, entropy = token_logprobs(model.lm_head, h, tokens[mine + 1], temperature=temperature, chunk_size=chunk_size,
+                                 entropy_grad=entropy_grad)
     if h.requires_grad and not lp.requires_grad:  # no target here: keep the local graph in the backward, whose
         lp, entropy = lp + h[:, 0].float(), entropy + h[:, 0].float()  # all-to-alls the other ranks wait on
     both = gather_sequence(torch.stack([lp, entropy], dim=1), group, sizes)

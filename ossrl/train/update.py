@@ -145,14 +145,16 @@ class MicroBatch:
 
 
 def forward_logprobs(
-    model, mb: MicroBatch, temperature: float, *, replay: bool = False, route_log: list | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    model, mb: MicroBatch, temperature: float, *, replay: bool = False, route_log: list | None = None,
+    entropy_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Log-probs and entropies [M] of the micro-batch's sampled tokens. ``replay``: with the experts the engine
-    recorded (when the batch has them); ``route_log`` receives the router's own choices, per layer."""
+    recorded (when the batch has them); ``route_log`` receives the router's own choices, per layer.
+    ``entropy_grad``: the entropies carry a gradient (an entropy bonus); else they are a metric (less memory)."""
     b = mb.batch
     routes = b.token_fields.get("routes") if replay else None
     return packed_logprobs(model, b.tokens, b.cu_seqlens, b.loss_mask, temperature=temperature, routes=routes,
-                           route_log=route_log)  # fmt: skip
+                           route_log=route_log, entropy_grad=entropy_grad)  # fmt: skip
 
 
 def route_mismatch(route_log: list[torch.Tensor], recorded: torch.Tensor) -> tuple[float, float]:
@@ -180,7 +182,8 @@ def micro_batch_loss(
     batch's first update (the sampler/trainer mismatch and the route mismatch are reported there)."""
     recorded = mb.batch.token_fields.get("routes")
     route_log = [None] * recorded.shape[1] if first and recorded is not None and recorded.numel() else None
-    lp, entropy = forward_logprobs(model, mb, temperature, replay=algo.router_replay, route_log=route_log)
+    lp, entropy = forward_logprobs(model, mb, temperature, replay=algo.router_replay, route_log=route_log,
+                                   entropy_grad=algo.entropy_coef > 0)
     if lp.numel() == 0:  # nothing sampled here (the trainer drops such sequences): no loss, no gradient
         return {}
     sampler, seq_index = mb.sampled()
