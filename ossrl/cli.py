@@ -28,6 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("items", nargs="*", metavar="CONFIG_OR_OVERRIDE",
                     help="a YAML recipe (optional), then overrides: optim.lr=1e-5 resume=true")  # fmt: skip
 
+    me = sub.add_parser("memory", help="peak GPU memory of a config's rollout and train step (no GPU, no weights)",
+                        description="ossrl memory [CONFIG.yaml] [section.field=value ...]: runs the config's rollout "
+                                    "and train step on shape-only tensors and prints each phase's peak")  # fmt: skip
+    me.add_argument("items", nargs="*", metavar="CONFIG_OR_OVERRIDE", help="as for ossrl train")
+    me.add_argument("--gpu-gib", type=float, default=None, help="the GPU's memory (GiB): whether it fits, and the "
+                    "largest rollout.n and sequence that would")  # fmt: skip
+    me.add_argument("--prompt-tokens", type=int, default=256, help="tokens of a prompt (default 256)")
+    me.add_argument("--no-search", action="store_true", help="skip the largest-n / longest-sequence search")
+    me.add_argument("--json", action="store_true", help="print the plan as JSON")
+
     ev = sub.add_parser("eval", help="accuracy of a model on a task's held-out split")
     add_model_arguments(ev, run=True)
     ev.add_argument("--task", default=None, help="task name (ossrl.tasks.list_tasks()); --run: the run's")
@@ -173,6 +183,10 @@ def run_train(items: list[str]) -> int:
     from ossrl.train.trainer import NonFiniteParameters, RewardFailure
 
     show_progress_logs()
+    refusal = memory_refusal(config)  # before any weight is read: a config that cannot fit the GPU stops here
+    if refusal:
+        print(f"ossrl train: {refusal}", file=sys.stderr)
+        return 2
     try:
         result = run_training(config)
     except (ValueError, OSError, ImportError, RewardFailure, NonFiniteParameters, DistributedError) as err:
@@ -188,6 +202,61 @@ def run_train(items: list[str]) -> int:
           f"(tool use {before['tool_use_rate']:.2f} -> {after['tool_use_rate']:.2f}); "
           f"{result['wall_time_s']:.0f} s")  # fmt: skip
     print(f"report: {result['report']}\nsummary: {result['summary']}\nadapter: {result['adapter']}")
+    return 0
+
+
+MEMORY_BUDGET_ENV = "OSSRL_GPU_GIB"  # plan against this many GiB instead of the GPU's total (0: no check)
+
+
+def memory_refusal(config) -> str | None:  # noqa: ANN001
+    """Why ``config`` cannot fit the GPU it would train on (``ossrl.memory``'s plan, what to change), or None. Runs
+    when the run uses CUDA in one process, or when OSSRL_GPU_GIB gives a budget (a test, or another GPU's size)."""
+    from ossrl.memory.planner import advice, budget_gib, describe, plan
+    from ossrl.train.trainer import _device
+
+    forced = os.environ.get(MEMORY_BUDGET_ENV)
+    if forced is not None:
+        try:
+            gpu_gib = float(forced)
+        except ValueError:
+            return f"{MEMORY_BUDGET_ENV}={forced!r} is not a number of GiB"
+        if gpu_gib <= 0:
+            return None
+    elif _device(config.model.device).type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        gpu_gib = budget_gib()  # (several processes shard the weights: the one-GPU plan does not apply)
+    else:
+        return None
+    try:
+        result = plan(config, gpu_gib, search=False)
+    except Exception as err:  # a model the planner cannot size (or a planner bug) never stops a run: it is said
+        logging.getLogger("ossrl").warning("memory check skipped: the planner failed (%s: %s)", type(err).__name__, err)
+        return None
+    if result.fits:
+        return None
+    lines = "\n  ".join(describe(result))
+    return (f"this config does not fit the GPU ({gpu_gib:g} GiB); nothing was loaded. {advice(result, config)}. "
+            f"ossrl memory's plan:\n  {lines}\n(check it with `ossrl memory CONFIG --gpu-gib N`; "
+            f"{MEMORY_BUDGET_ENV}=0 skips this check)")  # fmt: skip
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    from ossrl.config import ConfigError, load_config
+    from ossrl.memory import describe, plan
+    from ossrl.recipes import TINY_CPU
+
+    items = args.items
+    path = items[0] if items and "=" not in items[0] else None
+    try:
+        if args.gpu_gib is not None and args.gpu_gib <= 0:
+            raise ConfigError(f"--gpu-gib: must be > 0; got {args.gpu_gib}")
+        if args.prompt_tokens < 1:
+            raise ConfigError(f"--prompt-tokens: must be >= 1; got {args.prompt_tokens}")
+        config = load_config(path, items[1 if path else 0 :], base=None if path else TINY_CPU)
+        result = plan(config, args.gpu_gib, prompt_tokens=args.prompt_tokens, search=not args.no_search)
+    except (ConfigError, ValueError, OSError) as err:
+        print(f"ossrl memory: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_dict(), indent=2) if args.json else "\n".join(describe(result)))
     return 0
 
 
@@ -350,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "train":
         return run_train(args.items)
+    if args.command == "memory":
+        return run_memory(args)
     if args.command in ("eval", "chat"):
         try:
             return run_eval(args) if args.command == "eval" else run_chat(args)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ossrl.kernels import batch_invariant, mxfp4_ref
-from ossrl.kernels.common import deterministic_enabled, planned_gpu, warn_once
+from ossrl.kernels.common import deterministic_enabled, planned_gpu, planning, warn_once
 
 
 class PackedWeight(Protocol):
@@ -118,6 +118,8 @@ def grouped_matmul(
     if x.is_cuda:
         warn_once("grouped_mm", f"grouped_mm unavailable for {x.dtype} {tuple(weight.shape)}; looping over experts")
     out = x.new_empty(x.shape[0], weight.shape[2])
+    if planning():  # shape-only tensors (``ossrl.memory``): the loop's memory is this output (its products are brief)
+        return out
     start = 0
     for g, n in enumerate(counts.tolist() if counts_list is None else counts_list):
         if n:
@@ -223,7 +225,7 @@ def _moe_experts(
     sorted_ids = flat_ids[order]
     # Rows per expert without a host round trip (torch.bincount reads max(ids) on the host: a GPU sync per layer).
     counts = torch.searchsorted(sorted_ids, torch.arange(num_experts + 1, device=x.device)).diff()
-    counts_list = counts.tolist() if path == "loop" else None
+    counts_list = counts.tolist() if path == "loop" and not planning() else None
     token_of = order // k
     xs = x[token_of]
     h = _grouped(xs, gate_up_proj, counts, counts_list, path) + gate_up_proj_bias[sorted_ids].to(x.dtype)

@@ -475,7 +475,7 @@ def plan(
         say(f"planning a {tokens}-token sequence")
         return candidate is not None and planner.plan(candidate, prompt_tokens=prompt_tokens).peak_gib <= budget
 
-    result.max_n = _largest(fits_n, 2, 4096) if result.fits else None
+    result.max_n = _largest(fits_n, 2, 1024)
     granule = 1024
     longest = planner.model_config.max_position_embeddings // granule
     found = _largest(lambda k: fits_context(k * granule), 1, longest) if prompt_tokens < granule else None
