@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ossrl.config import ParallelSettings
+from ossrl.config import ConfigError, ParallelSettings, load_config
 from ossrl.dist.mesh import MeshError, check_heads, mesh_shape
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,10 +48,10 @@ def _run(cmd: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     port = _free_port()
     rdzv = ["--rdzv-backend", "c10d", f"--rdzv-endpoint=127.0.0.1:{port}"]  # --standalone, on a port of our own
-    return _run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2", *rdzv,
+    return _run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc), *rdzv,
                  "-m", "ossrl", "train", *args])  # fmt: skip
 
 
@@ -118,11 +118,12 @@ def test_two_processes_train_like_one_lora(tmp_path, cache, one_process):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["hsdp", "sp"])
-def test_two_processes_hsdp_and_sequence_parallel_train_like_one(tmp_path, cache, one_process, layout):
+@pytest.mark.parametrize("layout", ["hsdp", "sp", "one_rank"])
+def test_hsdp_sequence_parallel_and_one_rank_runs_train_like_one_process(tmp_path, cache, one_process, layout):
     mesh = {"hsdp": ["parallel.dp_replicate=2", "parallel.dp_shard=1"],
-            "sp": ["parallel.sp=2", "parallel.dp_shard=1"]}[layout]  # fmt: skip
-    two = _torchrun([*TINY, *WARM, cache, *mesh, f"logging.run_dir={tmp_path}", "parallel.timeout_s=120"])
+            "sp": ["parallel.sp=2", "parallel.dp_shard=1"], "one_rank": []}[layout]  # fmt: skip
+    args = [*TINY, *WARM, cache, *mesh, f"logging.run_dir={tmp_path}", "parallel.timeout_s=120"]
+    two = _torchrun(args, nproc=1 if layout == "one_rank" else 2)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     _same_run(_metrics(one_process), _metrics(tmp_path))
 
@@ -135,6 +136,16 @@ def test_two_processes_full_finetuning_like_one(tmp_path, cache):
     two = _torchrun([*args, "parallel.dp_shard=2", f"logging.run_dir={tmp_path / 'two'}", "parallel.timeout_s=120"])
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     _same_run(_metrics(tmp_path / "one"), _metrics(tmp_path / "two"))
+
+
+def test_parallel_settings_are_validated():
+    assert load_config(None, []).parallel == ParallelSettings(dp_replicate=1, dp_shard=-1, sp=1, timeout_s=300.0)
+    with pytest.raises(ConfigError, match="parallel.sp: must be >= 1 or -1"):
+        load_config(None, ["parallel.sp=0"])
+    with pytest.raises(ConfigError, match="at most one of dp_replicate, dp_shard, sp may be -1"):
+        load_config(None, ["parallel.sp=-1"])
+    with pytest.raises(ConfigError, match="parallel.timeout_s: must be a finite number"):
+        load_config(None, ["parallel.timeout_s=0"])
 
 
 def test_mesh_shapes_and_their_errors():
@@ -188,7 +199,8 @@ MISBEHAVE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("mode", ["die", pytest.param("hang", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["die", "hang"])
 def test_a_rank_that_dies_or_hangs_stops_the_run_with_an_error(tmp_path, mode, monkeypatch):
     script = tmp_path / "misbehave.py"
     script.write_text(MISBEHAVE)
