@@ -338,8 +338,16 @@ def train_phase(model: GptOss, config: TrainConfig, shape: StepShape, params, op
             with torch.no_grad(), disabled_lora(model):
                 ref, _ = token_logprobs(model.lm_head, model.forward_packed(batch)[index - 1], targets,
                                         temperature=r.temperature)  # fmt: skip
-            loss = loss + algo.kl_coef * rl.kl_loss(lp, ref, mask, kind=algo.kl_kind, agg=algo.agg,
-                                                    max_len=r.max_new_tokens, normalizer=float(lp.numel()), **layout)
+            loss = loss + algo.kl_coef * rl.kl_loss(
+                lp,
+                ref,
+                mask,
+                kind=algo.kl_kind,
+                agg=algo.agg,
+                max_len=r.max_new_tokens,
+                normalizer=float(lp.numel()),
+                **layout,
+            )
         if algo.entropy_coef > 0:
             loss = loss + rl.entropy_bonus(entropy, mask, algo.entropy_coef, agg=algo.agg, max_len=r.max_new_tokens,
                                            normalizer=float(lp.numel()), **layout)  # fmt: skip
@@ -404,6 +412,34 @@ class Planner:
                               "the engine takes 90% of the GPU memory free at the first rollout (more is faster, "
                               "never needed)")  # fmt: skip
         return plan
+
+
+def measure(config: TrainConfig, device: torch.device | str, *, prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
+            seed: int = 0) -> dict[str, float]:  # fmt: skip
+    """The planned phases run for real: random weights at the config's shapes on ``device`` (MXFP4 experts from
+    random bytes), the same rollout and train pieces, peaks in GiB as the tracker counts them (``rollout``, ``train``)
+    and, on CUDA, as ``torch.cuda.max_memory_allocated`` sees them (``cuda_rollout``, ``cuda_train``). What the
+    planner is checked against (tests on CPU, ``benchmarks/memory.py`` on a GPU)."""
+    device = torch.device(device)
+    validate(config)
+    model = build_model(config, device, seed=seed)
+    params, optimizer = _optimizer(config, model)
+    shape = step_shape(config, model.config, prompt_tokens)
+    out: dict[str, float] = {}
+    for phase in ("rollout", "train"):
+        tracker = DeviceTracker(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        if phase == "rollout":
+            rollout_phase(model, config, shape, optimizer, tracker)
+        else:
+            train_phase(model, config, shape, params, optimizer, tracker)
+        out[phase] = tracker.peak / GIB
+        if device.type == "cuda":
+            out[f"cuda_{phase}"] = torch.cuda.max_memory_allocated(device) / GIB
+    return out
 
 
 def _logits_chunk_bytes(model_config: GptOssConfig, shape: StepShape, config: TrainConfig) -> int:
@@ -539,5 +575,3 @@ def budget_gib(device: torch.device | None = None) -> float:
     """The GPU's total memory in GiB (``torch.cuda.mem_get_info``)."""
     _, total = torch.cuda.mem_get_info(device)
     return total / GIB
-
-

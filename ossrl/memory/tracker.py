@@ -21,11 +21,11 @@ from torch.utils._pytree import tree_leaves
 class DeviceTracker(TorchDispatchMode):
     """Peak bytes of live tensors on ``device`` inside ``with tracker:``.
 
-        tracker = DeviceTracker(torch.device("meta"))
-        tracker.register(model.parameters())
-        with tracker:
-            loss = model(x).sum(); loss.backward()
-        tracker.peak, tracker.current
+    tracker = DeviceTracker(torch.device("meta"))
+    tracker.register(model.parameters())
+    with tracker:
+        loss = model(x).sum(); loss.backward()
+    tracker.peak, tracker.current
     """
 
     def __init__(self, device: torch.device | str) -> None:
