@@ -6,8 +6,10 @@ all-gathers would wait for each other forever. So each rank's engine gets a plai
 - LoRA: a deep copy whose frozen base tensors (parameters and buffers, MXFP4 experts included) ARE the trainer's
   (the copy's memo is seeded with them): no second copy of the base; only the adapters are the engine's own. After
   each update the sync copies every adapter's full tensor (``DTensor.full_tensor()``, a few MB) into the engine.
-- Full fine-tuning: the engine holds one full copy; the trainer holds 1/N shards. The sync gathers one decoder
-  block at a time and copies it in, so a rank never holds more than the engine's copy plus one block's gather.
+- Full fine-tuning: the engine holds one full copy; the trainer holds 1/N shards. The copy is made with its
+  parameters on the meta device (no memory), materialized only after FSDP has sharded (and freed) the trainer's full
+  weights, and filled by the first sync; the sync gathers one decoder block at a time and copies it in. So a rank
+  never holds two full copies: at most the engine's copy, the trainer's shards and one block's gather.
 """
 
 from __future__ import annotations
@@ -22,19 +24,31 @@ from ossrl.model.lora import lora_adapters
 
 
 def engine_model(model: nn.Module, *, lora: bool) -> nn.Module:
-    """A plain copy of ``model`` (call it before ``apply_fsdp``) for the engine; with LoRA, sharing every tensor
-    except the adapters' parameters."""
+    """A plain copy of ``model`` (call it before ``apply_fsdp``) for the engine, sharing every tensor the trainer
+    does not train (frozen base weights, buffers). Trained parameters: LoRA adapters are copied (small); full
+    fine-tuning's are left on the meta device, for ``materialize`` once the trainer's model is sharded."""
     memo: dict[int, object] = {}
-    if lora:
-        adapters = {id(p) for a in lora_adapters(model) for p in a.parameters()}
-        for tensor in [*model.parameters(), *model.buffers()]:
-            if id(tensor) not in adapters:
-                memo[id(tensor)] = tensor
+    adapters = {id(p) for a in lora_adapters(model) for p in a.parameters()}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if isinstance(tensor, nn.Parameter) and tensor.requires_grad and not lora:
+            memo[id(tensor)] = nn.Parameter(torch.empty_like(tensor, device="meta"), requires_grad=False)
+        elif id(tensor) not in adapters:
+            memo[id(tensor)] = tensor
     copied = copy.deepcopy(model, memo)
     for p in copied.parameters():
-        if id(p) not in memo:  # the engine's own tensors are never trained through it
+        if id(p) in adapters or p.is_meta:  # the engine's own tensors are never trained through it
             p.requires_grad_(False)
     return copied.eval()
+
+
+def materialize(model: nn.Module, device: torch.device) -> nn.Module:
+    """Allocate (uninitialised) every parameter ``engine_model`` left on the meta device; the first
+    ``sync_weights`` fills them."""
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                module._parameters[name] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=False)
+    return model
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

@@ -114,6 +114,10 @@ class Trainer:
                              kv_cache_tokens=config.rollout.kv_cache_tokens,
                              cuda_graphs=config.rollout.cuda_graphs,
                              torch_compile=config.rollout.torch_compile)  # fmt: skip
+        if dist is not None:  # the engine's trained weights from the (sharded) trainer's: the weight-sync boundary
+            from ossrl.dist.sync import sync_weights
+
+            sync_weights(self.model, self.engine, lora=config.lora.enabled)
         self.rows = self.task.rows("train")
         self.order: list[int] = []
         self._order_epoch = -1
@@ -125,7 +129,7 @@ class Trainer:
         """Mesh, the engine's own model, FSDP2 (and Ulysses SP); returns the engine's model. Runs on every rank."""
         from ossrl.dist.fsdp import apply_fsdp
         from ossrl.dist.mesh import build_mesh, check_heads, dp_group, dp_mesh, mesh_shape
-        from ossrl.dist.sync import engine_model
+        from ossrl.dist.sync import engine_model, materialize
 
         par, lora = self.config.parallel, self.config.lora.enabled
         sizes = mesh_shape(par, self.dist.world_size)
@@ -142,6 +146,7 @@ class Trainer:
             self.sp_group = self.mesh["sp"].get_group()
             apply_ulysses(self.model, self.sp_group)
         apply_fsdp(self.model, dp_mesh(self.mesh), lora=lora)
+        materialize(plain, self.device)  # full fine-tuning: the engine's weights, now that the trainer's are sharded
         # fully_shard replaced the parameters by DTensor shards: the optimizer gets those
         self.params = lora_parameters(self.model) if lora else [p for p in self.model.parameters() if p.requires_grad]
         return plain
@@ -514,3 +519,7 @@ class Trainer:
 
     def resume_from(self, directory: Path) -> None:
         load_training_state(self, directory)
+        if self.dist is not None:  # the engine's own model: the restored weights through the weight-sync boundary
+            from ossrl.dist.sync import sync_weights
+
+            sync_weights(self.model, self.engine, lora=self.config.lora.enabled)
