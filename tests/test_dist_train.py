@@ -128,14 +128,27 @@ def test_hsdp_sequence_parallel_and_one_rank_runs_train_like_one_process(tmp_pat
     _same_run(_metrics(one_process), _metrics(tmp_path))
 
 
-@pytest.mark.slow
-def test_two_processes_full_finetuning_like_one(tmp_path, cache):
-    args = [*TINY, *WARM, cache, "lora.enabled=false", "optim.lr=1e-4"]
+def _one_and_two(tmp_path: Path, args: list[str], mesh: list[str]) -> None:
     one = _run([sys.executable, "-m", "ossrl", "train", *args, f"logging.run_dir={tmp_path / 'one'}"])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _torchrun([*args, "parallel.dp_shard=2", f"logging.run_dir={tmp_path / 'two'}", "parallel.timeout_s=120"])
+    two = _torchrun([*args, *mesh, f"logging.run_dir={tmp_path / 'two'}", "parallel.timeout_s=120"])
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     _same_run(_metrics(tmp_path / "one"), _metrics(tmp_path / "two"))
+
+
+@pytest.mark.slow
+def test_two_processes_full_finetuning_like_one(tmp_path, cache):
+    _one_and_two(tmp_path, [*TINY, *WARM, cache, "lora.enabled=false", "optim.lr=1e-4"], ["parallel.dp_shard=2"])
+
+
+@pytest.mark.slow
+def test_two_processes_with_refills_kl_two_updates_and_batch_scale_like_one(tmp_path, cache):
+    """The options whose collectives differ between ranks: dynamic sampling's refills (global kept counts), the KL
+    reference forward and old log-probs (extra FSDP passes, fillers on the rank with fewer micro-batches: 200-token
+    micro-batches), the batch-std advantage scale (global rewards)."""
+    options = ["algorithm.updates_per_batch=2", "algorithm.kl_coef=0.01", "algorithm.dynamic_sampling=true",
+               "algorithm.scale=batch", "optim.micro_batch_tokens=200"]  # fmt: skip
+    _one_and_two(tmp_path, [*TINY, *WARM, cache, *options], [])
 
 
 def test_parallel_settings_are_validated():

@@ -331,7 +331,7 @@ class Trainer:
                 for name, (value, counts) in parts.items():
                     reducer.add(name, value, counts)
             for _ in range(passes - len(micro)):
-                self._filler_pass(grad=True)
+                self._filler_pass(grad=True, reference=update == 0)
             if self.dist is not None:
                 reducer.merge_across(self.dp_group)
             if update == 0:
@@ -402,9 +402,10 @@ class Trainer:
         advantages = rl.compute_advantages(algo.advantage, all_rewards, torch.cat(groups), scale=algo.scale)
         return advantages[start : start + rewards.numel()]
 
-    def _filler_pass(self, *, grad: bool) -> None:
+    def _filler_pass(self, *, grad: bool, reference: bool = False) -> None:
         """A forward (and backward of zero) on two tokens, for a rank with fewer micro-batches than the others:
-        FSDP's all-gathers and reduce-scatters need every rank in every pass. Changes no gradient."""
+        FSDP's all-gathers and reduce-scatters need every rank in every pass. Changes no gradient. ``reference``:
+        also the no-grad reference forward ``micro_batch_loss`` runs for KL on a batch's first update."""
         from ossrl.train.update import forward_logprobs
 
         filler = MicroBatch(pack_sequences([[0]], [[0]], device=self.device), torch.zeros(1))
@@ -412,7 +413,7 @@ class Trainer:
             lp, _ = forward_logprobs(self.model, filler, self.config.rollout.temperature,
                                      replay=self.config.algorithm.router_replay)  # fmt: skip
             if grad:
-                if self.config.algorithm.kl_coef > 0:  # micro_batch_loss runs a reference forward too
+                if reference and self.config.algorithm.kl_coef > 0:
                     with torch.no_grad(), disabled_lora(self.model):
                         forward_logprobs(self.model, filler, self.config.rollout.temperature)
                 (lp.sum() * 0.0).backward()
