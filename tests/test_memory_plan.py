@@ -131,12 +131,14 @@ def test_cli_memory_bad_input_is_one_line(capsys, argv, message):
 
 
 def test_train_refuses_a_config_that_cannot_fit_before_loading(monkeypatch, capsys, tmp_path):
-    import ossrl.train.warm_start as warm_start
+    import ossrl.train.run as run
+    import ossrl.train.trainer as trainer
 
     def no_load(*args, **kwargs):
         raise AssertionError("weights were loaded before the fit check")
 
-    monkeypatch.setattr(warm_start, "load_starting_point", no_load)
+    monkeypatch.setattr(trainer, "load_starting_point", no_load)
+    monkeypatch.setattr(run, "Trainer", no_load)
     monkeypatch.setenv("OSSRL_GPU_GIB", "1.05")  # 0.05 GiB once the CUDA overhead is set aside
     code = main(["train", "configs/tiny_cpu.yaml", f"logging.run_dir={tmp_path}"])
     err = capsys.readouterr().err
