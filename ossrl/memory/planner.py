@@ -407,6 +407,12 @@ class Planner:
         )  # fmt: skip
         if gpu_gib is not None:
             plan.fits = plan.peak_gib <= gpu_gib - GPU_OVERHEAD_GIB
+        r = config.rollout
+        if r.kv_cache_tokens is not None and r.kv_cache_tokens < r.n * shape.seq_len:
+            plan.fits = False if gpu_gib is not None else None
+            plan.notes.append(f"rollout.kv_cache_tokens={r.kv_cache_tokens} cannot hold a request's {r.n} sequences "
+                              f"of up to {shape.seq_len} tokens: the engine would refuse every request; raise it to "
+                              f"at least {r.n * shape.seq_len}")  # fmt: skip
         if config.rollout.kv_cache_tokens is None:
             plan.notes.append("kv_cache: what the step's running sequences need; with rollout.kv_cache_tokens unset "
                               "the engine takes 90% of the GPU memory free at the first rollout (more is faster, "
@@ -492,7 +498,7 @@ def plan(
 ) -> MemoryPlan:
     """The memory plan of ``config`` on a GPU of ``gpu_gib`` GiB (None: no fit verdict, no search). With ``search``
     (and a GPU size), also the largest ``rollout.n`` and the longest sequence that fit, found by planning again
-    (about a dozen plans, bounded)."""
+    (about a dozen plans, bounded), each with the KV cache sized for its sequences."""
     planner = Planner(config)
     result = planner.plan(prompt_tokens=prompt_tokens, gpu_gib=gpu_gib)
     if gpu_gib is None or not search:
@@ -501,12 +507,17 @@ def plan(
     say = progress or (lambda _: None)
 
     def fits_n(n: int) -> bool:
-        candidate = _with(config, rollout__n=n, rollout__max_num_seqs=max(config.rollout.max_num_seqs, n))
+        candidate = _with(
+            config,
+            rollout__n=n,
+            rollout__max_num_seqs=max(config.rollout.max_num_seqs, n),
+            rollout__kv_cache_tokens=None,
+        )  # the cache sized for the sequences (as the engine needs)
         say(f"planning rollout.n={n}")
         return candidate is not None and planner.plan(candidate, prompt_tokens=prompt_tokens).peak_gib <= budget
 
     def fits_context(tokens: int) -> bool:
-        candidate = _with(config, rollout__max_new_tokens=tokens - prompt_tokens,
+        candidate = _with(config, rollout__max_new_tokens=tokens - prompt_tokens, rollout__kv_cache_tokens=None,
                           optim__micro_batch_tokens=max(config.optim.micro_batch_tokens, tokens))  # fmt: skip
         say(f"planning a {tokens}-token sequence")
         return candidate is not None and planner.plan(candidate, prompt_tokens=prompt_tokens).peak_gib <= budget
