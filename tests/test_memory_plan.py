@@ -105,6 +105,12 @@ def test_plan_searches_the_largest_n_and_context(tmp_path):
     assert not plan(bigger, budget, search=False).fits
 
 
+def test_a_kv_cache_too_small_for_one_request_does_not_fit(tmp_path):
+    config = load_config(None, [f"model.path={model_dir(tmp_path)}", *STEP, "rollout.kv_cache_tokens=256"])
+    result = Planner(config).plan(prompt_tokens=64, gpu_gib=64)
+    assert result.fits is False and any("kv_cache_tokens=256" in note for note in result.notes)
+
+
 def test_cli_memory_json_and_table(tmp_path, capsys):
     args = ["memory", "configs/tiny_cpu.yaml", "rollout.n=2", "--no-search"]
     assert main([*args, "--json", "--gpu-gib", "8"]) == 0

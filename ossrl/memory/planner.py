@@ -413,6 +413,9 @@ class Planner:
             plan.notes.append(f"rollout.kv_cache_tokens={r.kv_cache_tokens} cannot hold a request's {r.n} sequences "
                               f"of up to {shape.seq_len} tokens: the engine would refuse every request; raise it to "
                               f"at least {r.n * shape.seq_len}")  # fmt: skip
+        if config.deterministic:
+            plan.notes.append("deterministic: true runs batch-invariant kernels, which read lengths on the host and "
+                              "cannot run on shape-only tensors: planned with the fast kernels")  # fmt: skip
         if config.rollout.kv_cache_tokens is None:
             plan.notes.append("kv_cache: what the step's running sequences need; with rollout.kv_cache_tokens unset "
                               "the engine takes 90% of the GPU memory free at the first rollout (more is faster, "
