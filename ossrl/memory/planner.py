@@ -15,7 +15,8 @@ prefill attention step (``CacheStep.attend``), the sampler (``sample_tokens``), 
 rather than by the code that normally decides it (that code reads token values on the host, which a shape-only
 tensor has none of): the step's sequence lengths (prompt_tokens + the engine's reserve), the prefill batch, the
 decode batch (run without the paged-cache read: its partial sums, a few MiB, are not counted) and the micro-batch
-(``pack_micro_batches`` over those lengths). See README "ossrl memory".
+(``pack_micro_batches`` over those lengths). Added by arithmetic: activation offload's prefetch of one layer input
+(CUDA only, so not run here). See README "ossrl memory".
 """
 
 from __future__ import annotations
@@ -385,7 +386,8 @@ class Planner:
             rollout, train = DeviceTracker(self.device), DeviceTracker(self.device)
             kv_bytes = rollout_phase(self.model, config, shape, self.optimizer, rollout)
             train_phase(self.model, config, shape, self.params, self.optimizer, train)
-        return self._plan(config, shape, rollout.peak, train.peak, kv_bytes, gpu_gib)
+        train_peak = train.peak + _prefetch_bytes(config, self.model_config, shape)
+        return self._plan(config, shape, rollout.peak, train_peak, kv_bytes, gpu_gib)
 
     def _plan(self, config, shape, rollout: int, train: int, kv_bytes: int, gpu_gib: float | None) -> MemoryPlan:
         # AdamW keeps two fp32 states per trainable value, and the update a gradient of each
@@ -449,6 +451,15 @@ def measure(config: TrainConfig, device: torch.device | str, *, prompt_tokens: i
         if device.type == "cuda":
             out[f"cuda_{phase}"] = torch.cuda.max_memory_allocated(device) / GIB
     return out
+
+
+def _prefetch_bytes(config: TrainConfig, model_config: GptOssConfig, shape: StepShape) -> int:
+    """Activation offload on CUDA copies layer i-1's input back while layer i runs its backward (``ActivationOffload``
+    prefetches only on CUDA, so the meta run does not): one more [tokens, hidden] layer input on the GPU. Added to the
+    train peak by arithmetic."""
+    if not (config.model.offload_activations and config.model.gradient_checkpointing):
+        return 0
+    return shape.micro_batch_tokens * model_config.hidden_size * torch.finfo(DTYPES[config.model.dtype]).bits // 8
 
 
 def _logits_chunk_bytes(model_config: GptOssConfig, shape: StepShape, config: TrainConfig) -> int:
