@@ -186,9 +186,9 @@ class Engine:
         False, log-prob 0) and continues, up to ``sampling.max_turns`` assistant turns. A request that cannot run
         (empty prompt, ids outside the vocabulary, too long for the context or the cache, ``n < 1``) gives
         ``max(n, 1)`` sequences with ``finish == "error"``, no tokens at all (prompt length 0) and the reason in
-        ``errors``. Tensors are on the model's device. Request ``i``'s samples draw from the random streams of request id
-        ``first_request_id + i``: a data-parallel rank that samples requests ``a..b`` of a step passes ``a``, so the
-        union of the ranks' samples is what one process sampling all of them draws."""
+        ``errors``. Tensors are on the model's device. Request ``i``'s samples draw from the random streams of request
+        id ``first_request_id + i``: a data-parallel rank that samples requests ``a..b`` of a step passes ``a``, so
+        the union of the ranks' samples is what one process sampling all of them draws."""
         state = self._run(requests, sampling, tools, first_request_id)
         return self._batch(requests, state)
 
