@@ -26,6 +26,14 @@ def chunk_rows(vocab_size: int) -> int:
     return max(16, min(2048, CHUNK_VALUES // max(vocab_size, 1)))
 
 
+def _vocab_size(head: nn.Module) -> int:
+    """Output columns of ``head``: its weight's rows, or (a head wrapping another) its first linear layer's."""
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.shape[0]
+    return next((m.out_features for m in head.modules() if isinstance(m, nn.Linear)), 0)
+
+
 def _chunk_logprobs(
     head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, entropy_grad: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +67,7 @@ def token_logprobs(
     """hidden [N, H] (states that predict ``targets`` [N]) -> (log-probs [N], entropies [N]), both fp32.
     ``chunk_size``: rows per chunk (default ``chunk_rows`` of the head's vocabulary). ``entropy_grad=False``: the
     entropies carry no gradient (a metric), which saves the backward ~2 chunks of fp32 logits per chunk."""
-    chunk_size = chunk_size or chunk_rows(head.weight.shape[0])
+    chunk_size = chunk_size or chunk_rows(_vocab_size(head))
     if hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"hidden has {hidden.shape[0]} rows but targets {targets.shape[0]}")
     if temperature <= 0:
