@@ -48,10 +48,12 @@ def _trainer(lora: bool, *, dist=None):
         from torch.distributed.device_mesh import init_device_mesh
 
         from ossrl.dist.fsdp import apply_fsdp
-        from ossrl.dist.sync import engine_model
+        from ossrl.dist.sync import engine_model, materialize, sync_weights
 
         engine = _Engine(engine_model(model, lora=lora))
         apply_fsdp(model, init_device_mesh("cpu", (dist.world_size,)), lora=lora)
+        materialize(engine.model, torch.device("cpu"))  # full fine-tuning: allocated once the trainer's are sharded
+        sync_weights(model, engine, lora=lora)
     params = lora_parameters(model) if lora else list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
