@@ -297,8 +297,7 @@ def _same_step(want: dict, got: dict) -> None:
         assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (want["step"], key)
 
 
-@pytest.mark.slow
-def test_a_two_process_run_resumes_in_one_process_and_a_one_process_run_in_two(tmp_path):
+def test_a_two_process_run_resumes_in_one_process_and_a_one_process_run_in_two(tmp_path):  # must-show: default suite
     from safetensors.torch import load_file
 
     from ossrl.train.state import checkpoint_dirs, verify_checkpoint
