@@ -43,6 +43,15 @@ def _e2m1(code):
 
 
 @triton.jit
+def _dequantize_tile(packed, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A [BLOCK_N, BLOCK_K] fp32 tile of W from its packed bytes [BLOCK_N, BLOCK_K / 2] and E8M0 scales
+    [BLOCK_N, BLOCK_K / 32], both int32: what both kernels multiply by, dequantized in registers."""
+    w = tl.reshape(tl.join(_e2m1(packed & 15), _e2m1(packed >> 4)), [BLOCK_N, BLOCK_K])  # low nibble first
+    scale = tl.where(s > 0, s << 23, 1 << 22).to(tl.float32, bitcast=True)  # 2**(s - 127), exactly
+    return tl.reshape(tl.reshape(w, [BLOCK_N, BLOCK_K // 32, 32]) * scale[:, :, None], [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
 def _mxfp4_grouped_kernel(
     X, Blocks, Scales, Offsets, Out, K, N,
     stride_xm, stride_be, stride_bn, stride_se, stride_sn, stride_om,
@@ -67,13 +76,9 @@ def _mxfp4_grouped_kernel(
                         mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)  # fmt: skip
             offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             packed = tl.load(blocks + offs_b[None, :], mask=n_ok[:, None] & (offs_b < K // 2)[None, :], other=0)
-            packed = packed.to(tl.int32)
-            w = tl.reshape(tl.join(_e2m1(packed & 15), _e2m1(packed >> 4)), [BLOCK_N, BLOCK_K])  # low nibble first
             offs_g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
             s = tl.load(scales + offs_g[None, :], mask=n_ok[:, None] & (offs_g < K // 32)[None, :], other=127)
-            s = s.to(tl.int32)
-            scale = tl.where(s > 0, s << 23, 1 << 22).to(tl.float32, bitcast=True)  # 2**(s - 127), exactly
-            w = tl.reshape(tl.reshape(w, [BLOCK_N, BLOCK_K // 32, 32]) * scale[:, :, None], [BLOCK_N, BLOCK_K])
+            w = _dequantize_tile(packed.to(tl.int32), s.to(tl.int32), BLOCK_N, BLOCK_K)
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
         tl.store(Out + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], acc.to(Out.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])  # fmt: skip
@@ -110,10 +115,8 @@ def _mxfp4_grouped_dx_kernel(
                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
             rows = offs_n[:, None].to(tl.int64)
             packed = tl.load(blocks + rows * stride_bn, mask=n_ok[:, None] & b_ok[None, :], other=0).to(tl.int32)
-            w = tl.reshape(tl.join(_e2m1(packed & 15), _e2m1(packed >> 4)), [BLOCK_N, BLOCK_K])  # low nibble first
             s = tl.load(scales + rows * stride_sn, mask=n_ok[:, None] & g_ok[None, :], other=127).to(tl.int32)
-            scale = tl.where(s > 0, s << 23, 1 << 22).to(tl.float32, bitcast=True)  # 2**(s - 127), exactly
-            w = tl.reshape(tl.reshape(w, [BLOCK_N, BLOCK_K // 32, 32]) * scale[:, :, None], [BLOCK_N, BLOCK_K])
+            w = _dequantize_tile(packed, s, BLOCK_N, BLOCK_K)
             acc = tl.dot(g, w.to(g.dtype), acc, input_precision=PRECISION)
         tl.store(Out + offs_m[:, None].to(tl.int64) * stride_om + offs_k[None, :], acc.to(Out.dtype.element_ty),
                  mask=m_ok[:, None] & k_ok[None, :])  # fmt: skip
