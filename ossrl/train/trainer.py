@@ -296,10 +296,8 @@ class Trainer:
 
     def _train_step(self) -> dict[str, float]:
         cfg, algo = self.config, self.config.algorithm
-        batch, rewards, reward_values, metrics = self.rollout()
+        batch, rewards, reward_values, metrics = self.rollout() if self.sp_group is None else self._sp_rollout()
         self.engine.release_memory()  # the KV cache's memory is the update's until the next rollout
-        if self.sp_group is not None:
-            self._check_sp_batch(batch)
         everything = self._gathered(batch, rewards, reward_values)
         metrics.update(self._reward_metrics(*everything[:3]))
         if self._all_sum(float(batch.num_seqs > 0 and bool(batch.loss_mask.any()))) == 0:  # on every rank alike
@@ -418,24 +416,21 @@ class Trainer:
                         forward_logprobs(self.model, filler, self.config.rollout.temperature)
                 (lp.sum() * 0.0).backward()
 
-    def _check_sp_batch(self, batch: RolloutBatch) -> None:
-        """The sp ranks of one dp rank sample the same prompts with the same seeds on the same weights, so they hold
-        the same batch, which Ulysses then splits by tokens; checked (a cheap digest) rather than assumed, since a
-        kernel that is not run-to-run deterministic would make them differ and train on garbage."""
+    def _sp_rollout(self) -> tuple[RolloutBatch, torch.Tensor, dict[str, list], dict[str, float]]:
+        """``rollout`` once per sequence-parallel group: the sp ranks of one dp rank train on the same batch (Ulysses
+        splits it by tokens), so the group's first rank samples and scores it and sends it to the others, with the
+        data position it reached and the step's samples. The rollout and its tool calls run once, not sp times.
+        Only the first ranks of the sp groups (one dp group) meet in ``rollout``'s collectives."""
         import torch.distributed as tdist
 
-        digest = (
-            batch.num_seqs,
-            int(batch.tokens.sum()),
-            int(batch.tokens.numel()),
-            float(batch.sampler_logprobs.sum()),
-        )
-        digests: list[Any] = [None] * tdist.get_world_size(self.sp_group)
-        tdist.all_gather_object(digests, digest, group=self.sp_group)
-        if len(set(digests)) > 1:
-            raise RuntimeError(f"step {self.step + 1}: the sequence-parallel ranks of one data-parallel rank sampled "
-                               f"different rollouts ({digests}); the rollout is not deterministic across processes "
-                               "here (set deterministic: true)")  # fmt: skip
+        source = tdist.get_global_rank(self.sp_group, 0)
+        payload: list[Any] = [None]
+        if tdist.get_rank() == source:
+            batch, rewards, values, metrics = self.rollout()
+            payload = [(batch.to("cpu"), rewards, values, metrics, self.samples, self.position)]
+        tdist.broadcast_object_list(payload, src=source, group=self.sp_group)
+        batch, rewards, values, metrics, self.samples, self.position = payload[0]
+        return batch.to(self.device), rewards, values, metrics
 
     def _clip_gradients(self) -> torch.Tensor:
         if self.dist is not None:
