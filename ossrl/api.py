@@ -138,8 +138,10 @@ class GRPOTrainer:
         """Evaluate, train ``config.steps`` steps, evaluate again (``ossrl.train.run.run_training``). Returns its
         summary: ``eval_before`` / ``eval_after`` (accuracy, rewards, samples), ``wall_time_s``, and the paths of
         ``summary``, ``report`` and the final ``adapter``, all under ``config.logging.run_dir``."""
+        from ossrl.memory.fit import check_fits
         from ossrl.train.run import run_training
 
+        check_fits(self.config)  # before any weight is read, as `ossrl train` does (DoesNotFit: what to change)
         name = self.config.task.name
         if self._bound:
             register_bound_dataset_task(name, **self._bound)

@@ -154,8 +154,26 @@ def test_train_refuses_a_config_that_cannot_fit_before_loading(monkeypatch, caps
     assert "peak" in err and "kv_cache" in err  # the planner's numbers
 
 
+def test_the_python_api_refuses_a_config_that_cannot_fit_before_loading(monkeypatch, tmp_path):
+    import ossrl
+    import ossrl.train.run as run
+    import ossrl.train.trainer as trainer
+    from ossrl.memory.fit import DoesNotFit
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights were loaded before the fit check")
+
+    monkeypatch.setattr(trainer, "load_starting_point", no_load)
+    monkeypatch.setattr(run, "Trainer", no_load)
+    monkeypatch.setenv("OSSRL_GPU_GIB", "1.05")
+    grpo = ossrl.GRPOTrainer(args=str(ROOT / "configs/tiny_cpu.yaml"), steps=1)
+    grpo.config.logging.run_dir = str(tmp_path)
+    with pytest.raises(DoesNotFit, match=r"does not fit the GPU \(1.05 GiB\); nothing was loaded"):
+        grpo.train()
+
+
 def test_train_fit_check_passes_a_config_that_fits(monkeypatch):
-    from ossrl.cli import memory_refusal
+    from ossrl.memory.fit import memory_refusal
 
     config = load_config(ROOT / "configs/tiny_cpu.yaml")
     monkeypatch.setenv("OSSRL_GPU_GIB", "16")
