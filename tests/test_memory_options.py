@@ -290,3 +290,13 @@ def test_cuda_embedding_table_on_the_cpu_gives_the_same_logits_and_gradients():
     assert torch.equal(after, before) and grads
     for a, b in zip(grads, offloaded, strict=True):
         assert torch.equal(a, b)
+
+
+def test_offload_embeddings_is_refused_under_torchrun():
+    """A CPU table inside an FSDP2-wrapped model is untested: a multi-process run refuses it before loading."""
+    from types import SimpleNamespace
+
+    config = load_config(None, ["model.offload_embeddings=true"])
+    dist = SimpleNamespace(device=torch.device("cpu"), rank=0, world_size=2, is_main=True)
+    with pytest.raises(ValueError, match="offload_embeddings is not supported under torchrun"):
+        Trainer(config, dist=dist)
