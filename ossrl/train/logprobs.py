@@ -155,8 +155,9 @@ def _sequence_parallel_logprobs(
     local_routes = None if routes is None else shard.local(routes, fill=-1)
     hidden = model.hidden_states(shard.input_ids, shard=shard, routes=local_routes, route_log=local_log)
     h = hidden[mine - shard.start]
-    lp, entropy = token_logprobs(model.lm_head, h, tokens[mine + 1], temperature=temperature, chunk_size=chunk_size,
-                                 entropy_grad=entropy_grad)
+    lp, entropy = token_logprobs(
+        model.lm_head, h, tokens[mine + 1], temperature=temperature, chunk_size=chunk_size, entropy_grad=entropy_grad
+    )
     if h.requires_grad and not lp.requires_grad:  # no target here: keep the local graph in the backward, whose
         lp, entropy = lp + h[:, 0].float(), entropy + h[:, 0].float()  # all-to-alls the other ranks wait on
     both = gather_sequence(torch.stack([lp, entropy], dim=1), group, sizes)

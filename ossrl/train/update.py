@@ -182,8 +182,9 @@ def micro_batch_loss(
     batch's first update (the sampler/trainer mismatch and the route mismatch are reported there)."""
     recorded = mb.batch.token_fields.get("routes")
     route_log = [None] * recorded.shape[1] if first and recorded is not None and recorded.numel() else None
-    lp, entropy = forward_logprobs(model, mb, temperature, replay=algo.router_replay, route_log=route_log,
-                                   entropy_grad=algo.entropy_coef > 0)
+    lp, entropy = forward_logprobs(
+        model, mb, temperature, replay=algo.router_replay, route_log=route_log, entropy_grad=algo.entropy_coef > 0
+    )
     if lp.numel() == 0:  # nothing sampled here (the trainer drops such sequences): no loss, no gradient
         return {}
     sampler, seq_index = mb.sampled()
