@@ -3,50 +3,19 @@ needs a gradient runs the dX kernel in the backward (dX = dY @ W_e); one whose i
 kernels run in Triton's interpreter on CPU in fp32 (TRITON_INTERPRET=1, set in conftest) with the CUDA-only gates
 opened; logits and LoRA gradients equal a dense reference."""
 
-import copy
 from contextlib import contextmanager
 
 import pytest
 import torch
+from mxfp4_models import SHAPES, mxfp4_and_dense
 
 from ossrl.kernels import moe, mxfp4_ref
-from ossrl.model.checkpoint import quantize_experts
-from ossrl.model.config import GptOssConfig
-from ossrl.model.gpt_oss import GptOss
-from ossrl.model.lora import LoraConfig, apply_lora, lora_parameters
-from ossrl.model.mxfp4 import MXFP4Weight
+from ossrl.model.lora import lora_parameters
 
 INTERPRET = __import__("os").environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernel on CPU: needs TRITON_INTERPRET=1")
 
-SHAPES = dict(vocab_size=64, num_hidden_layers=2, hidden_size=64, intermediate_size=32, num_attention_heads=2,
-              num_key_value_heads=1, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
-              sliding_window=4)  # fmt: skip
 TOKENS = 6
-
-
-def models(targets):
-    """(MXFP4 experts + LoRA on ``targets``, the same with the experts dequantized to dense fp32 and frozen)."""
-    torch.manual_seed(0)
-    model = GptOss.from_config(GptOssConfig(**SHAPES), dtype=torch.float32, seed=0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 0.3 if "sinks" in name or name.endswith("bias") else 0.1)
-    quantize_experts(model)
-    apply_lora(model, LoraConfig(r=2, alpha=4, targets=targets), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        for p in lora_parameters(model):  # B non-zero, so every LoRA factor gets a gradient
-            p.normal_(0, 0.2)
-    dense = copy.deepcopy(model)
-    for layer in dense.model.layers:
-        experts = layer.mlp.experts
-        for name in ("gate_up_proj", "down_proj"):
-            weight = getattr(experts, name).dequantize(torch.float32)
-            delattr(experts, name)
-            setattr(experts, name, torch.nn.Parameter(weight, requires_grad=False))
-    assert isinstance(model.model.layers[0].mlp.experts.down_proj, MXFP4Weight)
-    return model, dense
 
 
 def loss_and_grads(model):
@@ -87,7 +56,7 @@ def check_against_dense(model, dense, logits, grads):
 
 
 def test_lora_on_gate_up_only_runs_the_dx_kernel_where_a_gradient_reaches_the_gemm_input(monkeypatch):
-    model, dense = models(("gate_up_proj",))
+    model, dense = mxfp4_and_dense(("gate_up_proj",))
     with kernel_on_cpu(monkeypatch) as (forward, backward):
         logits, grads = loss_and_grads(model)
     assert forward == [(ROWS, H), (ROWS, I)] * 2  # every GEMM, with or without a gradient, stays packed
@@ -98,7 +67,7 @@ def test_lora_on_gate_up_only_runs_the_dx_kernel_where_a_gradient_reaches_the_ge
 
 
 def test_lora_on_down_only_needs_no_dx_in_the_first_layer(monkeypatch):
-    model, dense = models(("down_proj",))
+    model, dense = mxfp4_and_dense(("down_proj",))
     with kernel_on_cpu(monkeypatch) as (forward, backward):
         logits, grads = loss_and_grads(model)
     assert forward == [(ROWS, H), (ROWS, I)] * 2
@@ -107,7 +76,7 @@ def test_lora_on_down_only_needs_no_dx_in_the_first_layer(monkeypatch):
 
 
 def test_no_grad_passes_send_every_gemm_through_the_kernel(monkeypatch):
-    model, dense = models(("gate_up_proj", "down_proj"))
+    model, dense = mxfp4_and_dense(("gate_up_proj", "down_proj"))
     ids = torch.arange(TOKENS)
     with kernel_on_cpu(monkeypatch) as (forward, backward), torch.no_grad():
         got = model(ids)

@@ -10,7 +10,6 @@
   experts) raises the process's peak memory by well under one layer's dense experts; gradients equal dense ones.
 """
 
-import copy
 import json
 import subprocess
 import sys
@@ -19,14 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from mxfp4_models import mxfp4_and_dense
 
 from ossrl import deterministic
 from ossrl.kernels import moe, mxfp4_ref, mxfp4_triton
 from ossrl.kernels.mxfp4_format import dequantize_mxfp4
 from ossrl.kernels.mxfp4_ref import mxfp4_grouped_matmul, mxfp4_grouped_matmul_dx_ref, mxfp4_grouped_matmul_ref
-from ossrl.model.config import GptOssConfig
-from ossrl.model.gpt_oss import GptOss
-from ossrl.model.lora import LoraConfig, apply_lora, lora_parameters
+from ossrl.model.lora import lora_parameters
 from ossrl.model.mxfp4 import MXFP4Weight
 
 INTERPRET = __import__("os").environ.get("TRITON_INTERPRET") == "1"
@@ -214,34 +212,6 @@ def test_no_dequantized_expert_is_saved_for_the_backward(mode):
     assert floats and max(t.numel() for t in floats) < H * 2 * I  # one expert's gate_up is H * 2I values
 
 
-def tiny_models():
-    """(GptOss with MXFP4 experts + expert LoRA, the same with dense fp32 frozen experts)."""
-    shapes = dict(vocab_size=64, num_hidden_layers=2, hidden_size=64, intermediate_size=32, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
-                  sliding_window=4)  # fmt: skip
-    model = GptOss.from_config(GptOssConfig(**shapes), dtype=torch.float32, seed=0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 0.3 if "sinks" in name or name.endswith("bias") else 0.1)
-    from ossrl.model.checkpoint import quantize_experts
-
-    quantize_experts(model)
-    apply_lora(model, LoraConfig(r=2, alpha=4, targets=("gate_up_proj", "down_proj")),
-               generator=torch.Generator().manual_seed(1))  # fmt: skip
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.normal_(0, 0.2)
-    dense = copy.deepcopy(model)
-    for layer in dense.model.layers:
-        experts = layer.mlp.experts
-        for name in ("gate_up_proj", "down_proj"):
-            weight = getattr(experts, name).dequantize(torch.float32)
-            delattr(experts, name)
-            setattr(experts, name, torch.nn.Parameter(weight, requires_grad=False))
-    return model, dense
-
-
 def model_grads(model, tokens: int = 12):
     ids = torch.randint(0, 64, (tokens,), generator=torch.Generator().manual_seed(2))
     logits = model(ids)
@@ -250,7 +220,7 @@ def model_grads(model, tokens: int = 12):
 
 
 def test_tiny_gpt_oss_lora_over_mxfp4_experts_equals_dense_and_chunking_changes_nothing():
-    model, dense = tiny_models()
+    model, dense = mxfp4_and_dense(("gate_up_proj", "down_proj"))
     logits, grads = model_grads(model)
     want_logits, want = model_grads(dense)
     torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
