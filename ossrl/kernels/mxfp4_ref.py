@@ -81,24 +81,17 @@ def _ref_dx_op(grad: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, c
     return mxfp4_grouped_matmul_dx_ref(grad, blocks, scales, counts)
 
 
-@_triton_op.register_fake
-def _(x, blocks, scales, counts):
-    return x.new_empty(x.shape[0], blocks.shape[1])
+def _forward_fake(x, blocks, scales, counts):
+    return x.new_empty(x.shape[0], blocks.shape[1])  # [R, out]
 
 
-@_ref_op.register_fake
-def _(x, blocks, scales, counts):
-    return x.new_empty(x.shape[0], blocks.shape[1])
+def _dx_fake(grad, blocks, scales, counts):
+    return grad.new_empty(grad.shape[0], blocks.shape[2] * blocks.shape[3] * 2)  # [R, in]
 
 
-@_triton_dx_op.register_fake
-def _(grad, blocks, scales, counts):
-    return grad.new_empty(grad.shape[0], blocks.shape[2] * blocks.shape[3] * 2)
-
-
-@_ref_dx_op.register_fake
-def _(grad, blocks, scales, counts):
-    return grad.new_empty(grad.shape[0], blocks.shape[2] * blocks.shape[3] * 2)
+for _op, _fake in ((_triton_op, _forward_fake), (_ref_op, _forward_fake), (_triton_dx_op, _dx_fake),
+                   (_ref_dx_op, _dx_fake)):  # fmt: skip
+    _op.register_fake(_fake)
 
 
 class _PackedMatmul(torch.autograd.Function):
